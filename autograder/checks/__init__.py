@@ -1,0 +1,94 @@
+"""Hidden-test batteries: one function per graded function, comparing the student's version with the
+reference on fresh random inputs and edge cases.
+
+Each module ``autograder/checks/aNN_<name>.py`` defines ``CHECKS = {"q_sample": check_q_sample, ...}``;
+a check has the signature ``check(student_fn, ref: dict) -> None`` and raises ``AssertionError`` with a
+message that says what is wrong. ``ref`` is a namespace holding every reference function of the course
+(from the solution notebooks) and the answer-cell names (torch, F, math, ...).
+
+The solution notebooks' hidden tests call :func:`hidden_check` inside the student's kernel. That result
+is not trusted on its own: the autograder re-runs the same check on the student's answer cell alone, in a
+fresh process (``autograder/isolate.py``), and the lower of the two scores counts.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from helpers.course import assignment_of
+
+__all__ = ["CHECKS", "DEPENDS", "all_checks", "hidden_check", "reference_globals"]
+
+Check = Callable[[Callable, dict], None]
+
+
+def _discover() -> tuple[dict[str, Check], dict[str, tuple[str, ...]]]:
+    checks: dict[str, Check] = {}
+    depends: dict[str, tuple[str, ...]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("a"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        checks.update(getattr(mod, "CHECKS", {}))
+        depends.update({k: tuple(v) for k, v in getattr(mod, "DEPENDS", {}).items()})
+    return checks, depends
+
+
+CHECKS, DEPENDS = _discover()
+
+
+def all_checks() -> dict[str, Check]:
+    return dict(CHECKS)
+
+
+def reference_globals(name: str) -> dict:
+    """The namespace a student's ``name`` runs against when graded: the answer-cell names, every reference
+    function of the earlier assignments, and the same-assignment functions listed in ``DEPENDS[name]``.
+    Never the reference of ``name`` itself, nor other functions of its own assignment."""
+    from autograder.reference import reference_namespace
+
+    a = assignment_of(name)
+    ns = reference_namespace(a.id)
+    for other in a.functions:
+        if other not in DEPENDS.get(name, ()):
+            ns.pop(other, None)
+    return ns
+
+
+@contextmanager
+def _graded_against_reference(fn, name: str):
+    """Temporarily point the names ``fn`` looks up globally (q_sample, ddim_solver_step, ...) at the reference,
+    so that a mistake elsewhere in the student's notebook does not cost points here."""
+    g = getattr(fn, "__globals__", None)
+    if g is None:
+        yield
+        return
+    ref = reference_globals(name)
+    swapped = {k: g[k] for k in ref if k in g and callable(ref[k]) and k != name}
+    absent = [k for k in ref if k not in g and callable(ref[k]) and k != name]
+    try:
+        for k in swapped:
+            g[k] = ref[k]
+        for k in absent:
+            g[k] = ref[k]
+        yield
+    finally:
+        g.update(swapped)
+        for k in absent:
+            g.pop(k, None)
+
+
+def hidden_check(name: str, student_fn) -> None:
+    """Run the hidden battery for ``name`` on ``student_fn`` (called from the hidden tests of a notebook)."""
+    if name not in CHECKS:
+        raise KeyError(f"no hidden checks registered for {name!r}")
+    if not callable(student_fn):
+        raise AssertionError(f"{name} must be a function, got {type(student_fn).__name__}")
+    ref = reference_globals(name)
+    from autograder.reference import reference
+
+    ref[name] = reference(name)  # the battery compares with it; the student's function never sees it
+    with _graded_against_reference(student_fn, name):
+        CHECKS[name](student_fn, ref)

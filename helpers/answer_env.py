@@ -1,0 +1,24 @@
+"""The names every answer cell may use without importing them.
+
+Each notebook's setup cell runs ``from helpers.answer_env import *``; the autograder gives a student's
+answer cell exactly these names when it re-runs the cell on its own. Keep the list short and stable.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from helpers.schedule import alpha_sigma, gather, timesteps_like
+
+__all__ = ["math", "functools", "torch", "F", "tqdm", "gather", "alpha_sigma", "timesteps_like", "namespace"]
+
+
+def namespace() -> dict:
+    """A fresh globals dict holding the answer-cell names (what ``from helpers.answer_env import *`` gives)."""
+    ns: dict = {"__name__": "__answers__", "__builtins__": __builtins__}
+    ns.update({name: globals()[name] for name in __all__ if name != "namespace"})
+    return ns

@@ -1,0 +1,44 @@
+"""Device and dtype choice: CUDA runs the course in fp16, the CPU in fp32.
+
+fp16 on a CPU works but is 5-9x slower than fp32 (no fast half kernels), so the kit never uses it there.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["pick_device", "pick_dtype"]
+
+_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def pick_device(override: str | torch.device | None = None) -> torch.device:
+    """Return the device the course runs on.
+
+    Order: the explicit ``override`` argument, then the ``CD_KIT_DEVICE`` environment variable,
+    then CUDA when available, else the CPU.
+    """
+    choice = override if override is not None else os.environ.get("CD_KIT_DEVICE") or None
+    if choice is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"Device {choice!r} was asked for, but PyTorch sees no CUDA GPU here. "
+            "Unset CD_KIT_DEVICE (or pass device='cpu') to run on the CPU."
+        )
+    return device
+
+
+def pick_dtype(device: str | torch.device, override: str | torch.dtype | None = None) -> torch.dtype:
+    """fp16 on CUDA, fp32 anywhere else, unless ``override`` (a dtype or 'fp16'/'bf16'/'fp32') says otherwise."""
+    if override is not None:
+        if isinstance(override, torch.dtype):
+            return override
+        try:
+            return _DTYPES[override.lower()]
+        except KeyError:
+            raise ValueError(f"Unknown dtype {override!r}: use one of {sorted(_DTYPES)}") from None
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32

@@ -1,0 +1,123 @@
+"""Which model the course runs, and loading it.
+
+One setting chooses the model everywhere (notebooks, reference run, tests): the ``model`` argument or,
+when that is not given, the environment variable ``CD_KIT_MODEL``:
+
+* ``small`` (default): the small SD-architecture teacher trained on digits that the kit ships in
+  ``helpers/assets/digits-sd``; works offline, on a laptop CPU.
+* ``sd15``: Stable Diffusion 1.5 from the maintained mirror ``stable-diffusion-v1-5/stable-diffusion-v1-5``
+  (the old ``runwayml/stable-diffusion-v1-5`` id was removed from the Hub in 2024). Needs the weights in
+  the local Hugging Face cache or Hub access, and a GPU to be practical.
+* anything else: a Hub id or a local folder holding a diffusers ``StableDiffusionPipeline``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from helpers.device import pick_device, pick_dtype
+
+__all__ = ["SD15_MODEL_ID", "ModelSpec", "resolve_model", "load_course_pipeline", "use_trailing_ddim",
+           "describe_setup"]
+
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+ENV_VAR = "CD_KIT_MODEL"
+
+
+def _small_model_dir() -> Path:
+    from helpers.small_model import SMALL_MODEL_DIR
+
+    return Path(SMALL_MODEL_DIR)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model setting."""
+
+    setting: str  # what the user asked for
+    source: str  # Hub id or local folder passed to from_pretrained
+    kind: str  # "small", "sd15" or "custom"
+    guidance_scale: float  # the guidance the course uses for this model's teacher
+    demo_prompt: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_small(self) -> bool:
+        return self.kind == "small"
+
+
+def resolve_model(model: str | None = None) -> ModelSpec:
+    """Turn the model setting (argument, else ``$CD_KIT_MODEL``, else ``small``) into a :class:`ModelSpec`."""
+    setting = (model or os.environ.get(ENV_VAR) or "small").strip()
+    key = setting.lower()
+    if key in ("small", "digits", "digits-sd"):
+        folder = _small_model_dir()
+        meta_file = folder / "kit_model.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(
+                f"The kit's small model is missing from {folder}. Restore it with `git checkout -- {folder}` "
+                "or rebuild it with `python -m helpers.train_small_model`."
+            )
+        meta = json.loads(meta_file.read_text())
+        return ModelSpec(setting, str(folder), "small", float(meta.get("recommended_guidance_scale", 3.0)),
+                         "a handwritten digit 7", meta)
+    if key in ("sd15", "sd1.5", "stable-diffusion-v1-5", SD15_MODEL_ID.lower(), "runwayml/stable-diffusion-v1-5"):
+        return ModelSpec(setting, SD15_MODEL_ID, "sd15", 7.5, "A sad puppy with large eyes")
+    return ModelSpec(setting, setting, "custom", 7.5, "A sad puppy with large eyes")
+
+
+def use_trailing_ddim(pipe):
+    """Swap the pipeline's scheduler for DDIM with "trailing" timestep spacing (4 steps: 999, 749, 499, 249)
+    and put its ``alphas_cumprod`` on the UNet's device, where the course's functions index it."""
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(pipe.unet.device)
+    return pipe
+
+
+def load_course_pipeline(model: str | None = None, device: str | torch.device | None = None,
+                         dtype: torch.dtype | str | None = None):
+    """Load the course's teacher pipeline with DDIM trailing timesteps, fp16 on CUDA and fp32 on CPU.
+
+    This is the loader notebooks 02-05 and the reference run use; assignment 01 asks students to write
+    their own. Errors that say what to do: no weights offline, unknown folder.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    spec = resolve_model(model)
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec.source, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except OSError as err:
+        hint = (
+            f"Could not load {spec.source!r}. Without Hub access the weights must already be in the local "
+            "Hugging Face cache (run `hf download stable-diffusion-v1-5/stable-diffusion-v1-5` on a machine "
+            "that can reach the Hub, or point CD_KIT_MODEL at a local folder). "
+            f"Set {ENV_VAR}=small to use the kit's offline model."
+        )
+        raise OSError(hint) from err
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return use_trailing_ddim(pipe)
+
+
+def describe_setup(model: str | None = None, device: str | torch.device | None = None) -> str:
+    """A one-paragraph summary printed at the top of every notebook: model, device, dtype, run mode."""
+    from helpers import runmode
+
+    spec = resolve_model(model)
+    dev = pick_device(device)
+    mode = os.environ.get("NBGRADER_EXECUTION") or ("reference run (reduced)" if runmode.reduced() else "interactive")
+    return (
+        f"Model: {spec.setting!r} -> {spec.source} ({spec.kind}); device: {dev}; dtype: {pick_dtype(dev)}; "
+        f"guidance scale: {spec.guidance_scale}; mode: {mode}.\n"
+        f"Change the model with the environment variable {ENV_VAR} (small | sd15 | <hub id or folder>)."
+    )
