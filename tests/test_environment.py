@@ -1,0 +1,51 @@
+"""environment.yml is a thin wrapper around pyproject.toml: one list of dependencies."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    return yaml.safe_load((ROOT / "environment.yml").read_text())
+
+
+def test_environment_yml_parses_with_conda_forge_and_python_311():
+    env = _env()
+    assert env["channels"] == ["conda-forge", "nodefaults"]
+    deps = env["dependencies"]
+    assert "python=3.11" in deps and "pip" in deps
+    pip_sections = [d for d in deps if isinstance(d, dict)]
+    assert len(pip_sections) == 1 and list(pip_sections[0]) == ["pip"]
+
+
+def test_pip_section_installs_exactly_the_project():
+    pip = [d for d in _env()["dependencies"] if isinstance(d, dict)][0]["pip"]
+    # Only the project itself: its dependencies come from pyproject.toml, so they are declared once.
+    assert pip == ["-e ."], pip
+
+
+def test_pip_section_resolves_to_pyproject_dependencies(tmp_path):
+    """What the pip section installs (the project) requires exactly pyproject's dependency list."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    from importlib.metadata import requires
+
+    installed = sorted(r.split(";")[0].replace(" ", "") for r in (requires("cd-course-kit") or []) if "extra ==" not in r)
+    declared = sorted(d.replace(" ", "") for d in project["dependencies"])
+    assert installed == declared, "the installed kit is stale: run `make venv` (pip install -e .) again"
+
+
+def test_torch_pinned_exactly_so_no_cuda_build_is_pulled():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch = [d for d in deps if d.startswith("torch")]
+    assert torch == ["torch==2.13.0"]
+
+
+def test_pip_check_is_clean():
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
