@@ -1,8 +1,45 @@
-"""Command line of the grading side: ``python -m autograder {release,grade} ...``."""
+"""Command line of the grading side: ``python -m autograder {release,grade,bench} ...``."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from autograder.config import CELL_TIMEOUT_S
+
+
+def _add_grading_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel worker processes (default: one per 2 CPU cores and 4 GiB, 1-2 per GPU)")
+    p.add_argument("--timeout", type=int, default=CELL_TIMEOUT_S,
+                   help=f"per-cell time limit in seconds, also for the isolated re-check (default {CELL_TIMEOUT_S})")
+    p.add_argument("--source", default=None, help="source (solution) notebooks (default: the kit's solutions/)")
+    p.add_argument("--checks", default="autograder.checks",
+                   help="comma-separated modules defining the hidden batteries (default autograder.checks)")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory limit of each kernel and re-check process (default: 80%% of RAM / workers)")
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from autograder.grade import grade
+
+    summary = grade(args.submitted, args.out, workers=args.workers, timeout=args.timeout, source_dir=args.source,
+                    check_modules=tuple(m for m in args.checks.split(",") if m), memory_gb=args.memory_gb,
+                    submission_timeout=args.submission_timeout, progress=not args.quiet)
+    print(f"graded {summary.submissions} submissions in {summary.seconds:.0f} s with {summary.workers} workers "
+          f"({summary.per_minute:.1f}/min); {summary.problems} with notebooks that could not be graded, "
+          f"{summary.unknown} unknown assignment folders")
+    print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in (summary.phases or {}).items()))
+    print(f"wrote {summary.out_dir}/grades.csv, cells.csv, submissions.csv, feedback/, gradebook.db")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from autograder.bench import bench
+
+    bench(copies=args.copies, workers=args.workers, assignments=args.assignment or None, timeout=args.timeout,
+          source_dir=args.source, check_modules=tuple(m for m in args.checks.split(",") if m),
+          memory_gb=args.memory_gb, keep=args.keep)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10,6 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rel = sub.add_parser("release", help="generate notebooks/ (student versions) from solutions/")
     rel.add_argument("--out", default=None, help="output folder (default: the kit's notebooks/)")
+
+    gr = sub.add_parser("grade", help="autograde SUBMITTED_DIR/<student>/<assignment>/*.ipynb into OUT_DIR")
+    gr.add_argument("submitted", metavar="SUBMITTED_DIR")
+    gr.add_argument("--out", required=True, metavar="OUT_DIR", help="course folder for the gradebook and reports")
+    _add_grading_options(gr)
+    gr.add_argument("--submission-timeout", type=float, default=None,
+                    help="hard limit per submission in seconds (default: per-cell timeout x (code cells + 5))")
+    gr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    be = sub.add_parser("bench", help="submissions/minute grading K copies of the reference, serial vs parallel")
+    be.add_argument("--copies", type=int, default=4, help="K: students, each submitting the reference solutions")
+    be.add_argument("--assignment", action="append", help="only this assignment (repeatable; default all)")
+    be.add_argument("--keep", default=None, help="keep the benchmark folders here")
+    _add_grading_options(be)
+
     args = parser.parse_args(argv)
     if args.command == "release":
         from autograder.release import release
@@ -19,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:
             print(f"wrote {f}")
         return 0
+    try:
+        if args.command == "grade":
+            return _grade(args)
+        if args.command == "bench":
+            return _bench(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 2
 
 

@@ -1,13 +1,35 @@
 """Training settings per model and LoRA plumbing (peft) for the consistency students.
 
 The settings of every phase live here, in one place: the original course's recipe for SD1.5 and a recipe
-tuned for the kit's small model.
+tuned for the kit's small model. A training phase (``ct``, ``cd``, ``multi_cd``) goes:
+
+1. :func:`prepare_unet_for_phase` — the UNet back in fp32 and train mode, base weights frozen, gradient
+   checkpointing as the settings say (the original template forgot the fp32 cast and train mode);
+2. :func:`add_phase_adapter` — a *new* LoRA adapter for this phase, made the only active one (earlier
+   adapters stay in the UNet, switched off, and are never overwritten by accident);
+3. :func:`make_optimizer` — a new AdamW over that adapter's weights only.
+
+:func:`start_phase` does all three. :func:`save_adapter` / :func:`load_adapter` write and read one adapter
+as the raw peft state dict plus its LoRA config in a safetensors file (the route through diffusers'
+``convert_state_dict_to_diffusers``/``load_lora_weights`` silently drops attention LoRA weights when conv,
+ff and time-embedding modules are targeted too; see the kit's stack notes).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
-__all__ = ["SD15_LORA_TARGETS", "TrainSettings", "settings_for", "lora_config"]
+import torch
+
+__all__ = ["SD15_LORA_TARGETS", "TrainSettings", "settings_for", "lora_config", "run_settings", "num_phase_steps",
+           "frozen_copy", "prepare_unet_for_phase", "adapter_names", "add_phase_adapter", "use_adapter",
+           "adapters_disabled", "trainable_parameters", "make_optimizer", "start_phase", "save_adapter",
+           "load_adapter", "ADAPTER_FORMAT"]
 
 # The 14 module kinds the original course put LoRA on (rank 64).
 SD15_LORA_TARGETS: tuple[str, ...] = (
@@ -57,3 +79,198 @@ def lora_config(settings: TrainSettings):
 
     return LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
                       target_modules=list(settings.lora_targets))
+
+
+def run_settings(kind: str) -> TrainSettings:
+    """:func:`settings_for` shrunk for the run mode (:func:`helpers.runmode.pick`): a few tiny steps under
+    nbgrader, fewer steps in the reduced reference run, the full recipe otherwise."""
+    from helpers import runmode
+
+    s = settings_for(kind)
+    full_steps = s.max_steps if s.max_steps is not None else None
+    return replace(
+        s,
+        max_steps=runmode.pick(full_steps, reduced_value=max(1, (full_steps or 200) // 10), grading_value=2),
+        batch_size=runmode.pick(s.batch_size, grading_value=min(s.batch_size, 8)),
+        gradient_accumulation_steps=runmode.pick(s.gradient_accumulation_steps, grading_value=1),
+        num_images=runmode.pick(s.num_images, reduced_value=min(s.num_images or 512, 512), grading_value=32),
+    )
+
+
+def num_phase_steps(settings: TrainSettings, num_examples: int) -> int:
+    """Optimizer steps of one phase: ``max_steps`` if set, else ``epochs`` passes over ``num_examples``
+    examples (whole batches only)."""
+    if settings.max_steps is not None:
+        return int(settings.max_steps)
+    per_step = settings.batch_size * settings.gradient_accumulation_steps
+    steps = settings.epochs * (num_examples // per_step)
+    if steps < 1:
+        raise ValueError(f"{num_examples} training examples do not fill one optimizer step of {per_step} "
+                         "(batch_size x gradient_accumulation_steps): use more images or a smaller batch")
+    return steps
+
+
+# ------------------------------------------------------------------------------------------ the UNets
+def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``unet`` (eval mode, no gradients), e.g. the teacher, taken before any adapter is
+    added. It keeps the original's dtype (fp16 on CUDA) and device."""
+    if adapter_names(unet):
+        raise ValueError(f"This UNet already carries LoRA adapters {adapter_names(unet)}: take the teacher copy "
+                         "right after loading the pipeline, before the first training phase.")
+    teacher = copy.deepcopy(unet)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def prepare_unet_for_phase(unet: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
+    """Get ``unet`` ready for a training phase: fp32 weights (mixed precision comes from autocast), train
+    mode, every base weight frozen, gradient checkpointing on or off as ``settings`` say."""
+    if any(p.dtype != torch.float32 for p in unet.parameters()):
+        unet.to(dtype=torch.float32)
+    unet.train()
+    unet.requires_grad_(False)
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    elif getattr(unet, "is_gradient_checkpointing", False):
+        unet.disable_gradient_checkpointing()
+    return unet
+
+
+def adapter_names(unet: torch.nn.Module) -> list[str]:
+    """Names of the LoRA adapters the UNet carries (empty list when none)."""
+    return list(getattr(unet, "peft_config", {}) or {})
+
+
+def add_phase_adapter(unet: torch.nn.Module, name: str, settings: TrainSettings, replace: bool = False) -> None:
+    """Add a new LoRA adapter ``name`` (rank and targets from ``settings``) and make it the only active one.
+
+    An adapter of that name that already exists (e.g. a training cell run twice) is a trained adapter: it is
+    only replaced, by a fresh one, when ``replace=True``.
+    """
+    _add_adapter(unet, name, lora_config(settings), replace)
+
+
+def _add_adapter(unet: torch.nn.Module, name: str, config, replace: bool) -> None:
+    if name in adapter_names(unet):
+        if not replace:
+            raise ValueError(
+                f"The UNet already has an adapter {name!r} (trained earlier in this session). Pass replace=True to "
+                f"start it afresh, pick another name, or save it first with save_adapter(unet, {name!r}, path).")
+        unet.delete_adapters(name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(config, adapter_name=name)
+    use_adapter(unet, name)
+
+
+def use_adapter(unet: torch.nn.Module, name: str) -> None:
+    """Make adapter ``name`` the only active one (its weights trainable, the others frozen and off)."""
+    if name not in adapter_names(unet):
+        raise ValueError(f"No adapter {name!r} in this UNet; it has {adapter_names(unet)}")
+    unet.enable_adapters()
+    unet.set_adapter(name)
+
+
+@contextmanager
+def adapters_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the base model (the teacher's weights) inside the context, whatever adapters the UNet carries."""
+    if not adapter_names(unet):
+        yield unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that require gradients (after :func:`add_phase_adapter`: the active adapter's)."""
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
+    """A new AdamW over ``params`` with the settings' learning rate (and ``extra["weight_decay"]``, default
+    1e-2 as torch's)."""
+    params = list(params)
+    if not params:
+        raise ValueError("No trainable parameters: add a LoRA adapter first (add_phase_adapter)")
+    return torch.optim.AdamW(params, lr=settings.learning_rate,
+                             weight_decay=float(settings.extra.get("weight_decay", 1e-2)))
+
+
+def start_phase(unet: torch.nn.Module, name: str, settings: TrainSettings, replace: bool = False
+                ) -> torch.optim.Optimizer:
+    """Prepare ``unet`` (:func:`prepare_unet_for_phase`), add the phase's new adapter ``name`` and return a
+    new optimizer over its weights."""
+    prepare_unet_for_phase(unet, settings)
+    add_phase_adapter(unet, name, settings, replace=replace)
+    params = trainable_parameters(unet)
+    stray = [n for n, p in unet.named_parameters() if p.requires_grad and f".{name}." not in n]
+    if stray:
+        raise RuntimeError(f"Parameters outside adapter {name!r} would be trained: {stray[:3]}")
+    return make_optimizer(params, settings)
+
+
+# ------------------------------------------------------------------------------------------ save / load
+ADAPTER_FORMAT = "cd-course-kit/peft-lora-v1"
+
+
+def save_adapter(unet: torch.nn.Module, name: str, path: str | Path, overwrite: bool = False) -> Path:
+    """Save adapter ``name`` as safetensors: the raw ``get_peft_model_state_dict`` (keys without the
+    adapter name) with the LoRA config and the adapter name in the file's metadata.
+
+    An existing file is kept unless ``overwrite=True``; the file is written to a temporary name first and
+    then renamed, so an interrupted save never leaves a half-written adapter behind.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"Save adapters as .safetensors files, got {path.name!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists already: pass overwrite=True to replace it, or choose another path")
+    if name not in adapter_names(unet):
+        raise ValueError(f"No adapter {name!r} in this UNet; it has {adapter_names(unet)}")
+    state = get_peft_model_state_dict(unet, adapter_name=name)
+    if not state:
+        raise RuntimeError(f"Adapter {name!r} has no weights to save")
+    config = unet.peft_config[name].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    metadata = {"format": ADAPTER_FORMAT, "adapter_name": name, "lora_config": json.dumps(config, default=str)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_adapter(unet: torch.nn.Module, path: str | Path, name: str | None = None) -> str:
+    """Load an adapter saved by :func:`save_adapter` into ``unet`` under ``name`` (default: the saved name),
+    make it the active one and return its name. Every saved tensor must find its place in the UNet."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No adapter file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path} was not written by save_adapter (metadata format {metadata.get('format')!r})")
+    name = name or metadata["adapter_name"]
+    config = json.loads(metadata["lora_config"])
+    known = set(LoraConfig.__dataclass_fields__)
+    lora = LoraConfig(**{k: v for k, v in config.items() if k in known and k not in ("peft_type", "task_type")})
+    _add_adapter(unet, name, lora, replace=False)
+    device = next(unet.parameters()).device
+    result = set_peft_model_state_dict(unet, load_file(str(path), device=str(device)), adapter_name=name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        unet.delete_adapters(name)
+        raise ValueError(f"{path} does not fit this UNet: {len(unexpected)} tensors have no place, e.g. {unexpected[:3]}")
+    use_adapter(unet, name)
+    return name

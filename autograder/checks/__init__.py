@@ -8,7 +8,8 @@ message that says what is wrong. ``ref`` is a namespace holding every reference 
 
 The solution notebooks' hidden tests call :func:`hidden_check` inside the student's kernel. That result
 is not trusted on its own: the autograder re-runs the same check on the student's answer cell alone, in a
-fresh process (``autograder/isolate.py``), and the lower of the two scores counts.
+fresh process (``autograder/sandbox.py`` via ``autograder/forkserver.py``), and the lower of the two scores
+counts.
 """
 from __future__ import annotations
 
@@ -19,24 +20,28 @@ from contextlib import contextmanager
 
 from helpers.course import assignment_of
 
-__all__ = ["CHECKS", "DEPENDS", "all_checks", "hidden_check", "reference_globals"]
+__all__ = ["CHECKS", "DEPENDS", "FORBIDDEN_NAMES", "all_checks", "hidden_check", "reference_globals"]
 
 Check = Callable[[Callable, dict], None]
 
 
-def _discover() -> tuple[dict[str, Check], dict[str, tuple[str, ...]]]:
+def _discover() -> tuple[dict[str, Check], dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
     checks: dict[str, Check] = {}
     depends: dict[str, tuple[str, ...]] = {}
+    forbidden: dict[str, tuple[str, ...]] = {}
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("a"):
             continue
         mod = importlib.import_module(f"{__name__}.{info.name}")
         checks.update(getattr(mod, "CHECKS", {}))
         depends.update({k: tuple(v) for k, v in getattr(mod, "DEPENDS", {}).items()})
-    return checks, depends
+        forbidden.update({k: tuple(v) for k, v in getattr(mod, "FORBIDDEN_NAMES", {}).items()})
+    return checks, depends, forbidden
 
 
-CHECKS, DEPENDS = _discover()
+#: ``{function: check}``, ``{function: same-assignment functions it may call}`` and ``{function: names its
+#: answer cell may not use}`` (the isolated re-check's static policy), merged from every ``aNN_*`` module.
+CHECKS, DEPENDS, FORBIDDEN_NAMES = _discover()
 
 
 def all_checks() -> dict[str, Check]:

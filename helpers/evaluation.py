@@ -1,0 +1,209 @@
+"""Measure any sampler the same way: fixed prompts, fixed initial noise, two numbers.
+
+* **Prompts**: ``per_digit`` prompts for each digit 0-9 (the small model's templates, cycled), so that the
+  digit classifier of :mod:`helpers.metrics` can tell whether an image shows the prompted digit.
+* **Initial latents**: drawn once from a seeded generator; every sampler starts from exactly these.
+* **prompt_accuracy**: the fraction of images classified as their prompt's digit.
+* **fidelity_psnr_db**: PSNR against the teacher's 50-step DDIM images from the same latents
+  (``teacher_ddim50``; against itself it gives the PSNR cap).
+
+A *sampler* here is any function ``sampler(prompts, latents) -> images`` returning a float tensor
+``(N, 3, H, W)`` in [0, 1]; :func:`pipeline_sampler` wraps the diffusers pipeline (the teacher, or a
+student sampled the plain DDIM way) and :func:`function_sampler` wraps a student sampler of the course
+(``consistency_sampling``, ``multi_boundary_sampling``). :func:`evaluate` records the numbers with
+:func:`helpers.report.record_sampler` and the time with :func:`helpers.report.record_timing` (as
+``sample_<name>``). The teacher's 50-step images are cached on disk (not under nbgrader) so that
+notebook 05 reuses those of notebook 04.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from helpers import runmode
+
+__all__ = ["EvalSet", "EvalResult", "Sampler", "make_eval_set", "default_batch_size", "pipeline_sampler", "function_sampler",
+           "generate", "evaluate", "teacher_reference", "results_table", "show_results"]
+
+Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
+REFERENCE_NAME = "teacher_ddim50"
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The fixed evaluation inputs: prompts, the digit each asks for, and initial latents (CPU, fp32)."""
+
+    prompts: list[str]
+    digits: torch.Tensor
+    latents: torch.Tensor
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def key(self) -> str:
+        """A short hash of the inputs (prompts, latents' seed and shape)."""
+        text = json.dumps([self.prompts, self.seed, list(self.latents.shape)])
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class EvalResult:
+    """One sampler's images and numbers."""
+
+    name: str
+    images: torch.Tensor
+    prompt_accuracy: float
+    fidelity_psnr_db: float | None
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def make_eval_set(pipe, per_digit: int = 10, seed: int = 1234) -> EvalSet:
+    """``per_digit`` prompts per digit (digit-major; templates cycled) and seeded initial latents shaped for
+    ``pipe``'s UNet."""
+    from helpers import small_model as sm
+
+    if per_digit < 1:
+        raise ValueError(f"per_digit must be at least 1, got {per_digit}")
+    digits = [d for d in range(10) for _ in range(per_digit)]
+    prompts = [sm.digit_prompt(d, i) for d in range(10) for i in range(per_digit)]
+    cfg = pipe.unet.config
+    latents = torch.randn((len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                          generator=torch.Generator().manual_seed(seed))
+    return EvalSet(prompts, torch.tensor(digits), latents, seed)
+
+
+def default_batch_size(pipe) -> int:
+    """Images per sampler call: the whole evaluation set for small latents (the kit's model on a CPU),
+    8 at a time for SD1.5-sized ones."""
+    return 100 if pipe.unet.config.sample_size <= 32 else 8
+
+
+def _inference_context(device: torch.device):
+    """fp16 autocast on CUDA (the student UNet is fp32 after training, the rest of the pipeline fp16)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def pipeline_sampler(pipe, num_inference_steps: int, guidance_scale: float) -> Sampler:
+    """The diffusers pipeline's own DDIM sampling (trailing timesteps) from the given latents."""
+    def sample(prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
+        device = pipe.unet.device
+        with torch.inference_mode(), _inference_context(device):
+            out = pipe(prompt=list(prompts), latents=latents.to(device), num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale, output_type="pt")
+        return out.images.float().cpu()
+    return sample
+
+
+def function_sampler(fn: Callable, pipe, seed: int = 0, **kwargs) -> Sampler:
+    """A course sampler ``fn(pipe, prompts, num_images_per_prompt=1, latents=..., generator=...,
+    output_type="pt", **kwargs)`` from the given latents (fresh noise, if it draws any, from ``seed``)."""
+    def sample(prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
+        device = pipe.unet.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.inference_mode(), _inference_context(device):
+            images = fn(pipe, list(prompts), num_images_per_prompt=1, latents=latents.to(device), generator=gen,
+                        output_type="pt", **kwargs)
+        if not isinstance(images, torch.Tensor) or images.shape[0] != len(prompts):
+            raise ValueError(f"{getattr(fn, '__name__', fn)} with output_type='pt' must return a tensor of "
+                             f"{len(prompts)} images, got {type(images).__name__}")
+        return images.float().cpu()
+    return sample
+
+
+def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None) -> tuple[torch.Tensor, float]:
+    """Run ``sampler`` over the evaluation set in batches; returns ``(images, seconds)``."""
+    batch_size = batch_size or len(eval_set)
+    start = time.perf_counter()
+    chunks = [sampler(eval_set.prompts[i:i + batch_size], eval_set.latents[i:i + batch_size])
+              for i in range(0, len(eval_set), batch_size)]
+    seconds = time.perf_counter() - start
+    images = torch.cat(chunks)
+    if images.shape[0] != len(eval_set) or images.ndim != 4:
+        raise ValueError(f"the sampler returned images of shape {tuple(images.shape)} for {len(eval_set)} prompts")
+    return images, seconds
+
+
+def evaluate(name: str, sampler: Sampler, eval_set: EvalSet, reference: torch.Tensor | None,
+             batch_size: int | None = None, record: bool = True, **extra) -> EvalResult:
+    """Generate the evaluation set with ``sampler`` and measure it; ``reference``: the teacher's 50-step
+    images (None: fidelity is measured against the images themselves, i.e. this *is* the reference).
+    Records the numbers (and ``extra`` fields, e.g. ``steps=4``) under ``name`` unless ``record=False``."""
+    from helpers.metrics import prompt_accuracy, psnr_db
+    from helpers.report import record_sampler, record_timing
+
+    images, seconds = generate(sampler, eval_set, batch_size)
+    accuracy = prompt_accuracy(images, eval_set.digits)
+    fidelity = psnr_db(images, images if reference is None else reference)
+    result = EvalResult(name, images, accuracy, fidelity, seconds, dict(extra))
+    if record:
+        record_sampler(name, accuracy, fidelity, seconds=round(seconds, 3), images=len(eval_set), **extra)
+        record_timing(f"sample_{name}", seconds)
+    return result
+
+
+def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key: str,
+                      num_inference_steps: int = 50, batch_size: int | None = None) -> EvalResult:
+    """The teacher's ``num_inference_steps``-step DDIM images of the evaluation set, measured and recorded as
+    ``teacher_ddim50``; read from the on-disk cache when an earlier notebook made them for the same model
+    (``model_key``, e.g. :func:`helpers.data.model_fingerprint`), evaluation set and guidance.
+
+    ``pipe.unet`` must be the teacher: call it before the first adapter is added, or inside
+    :func:`helpers.training.adapters_disabled`.
+    """
+    from helpers.report import out_dir, record_sampler
+
+    key = hashlib.sha256(json.dumps([model_key, eval_set.key(), guidance_scale, num_inference_steps])
+                         .encode()).hexdigest()[:16]
+    path = None if runmode.grading() else out_dir() / "cache" / f"teacher-{key}.pt"
+    if path is not None and path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        result = EvalResult(REFERENCE_NAME, saved["images"], float(saved["prompt_accuracy"]),
+                            float(saved["fidelity_psnr_db"]), float(saved["seconds"]), {"cached": True})
+        record_sampler(REFERENCE_NAME, result.prompt_accuracy, result.fidelity_psnr_db,
+                       seconds=round(result.seconds, 3), images=len(eval_set), steps=num_inference_steps)
+        return result
+    result = evaluate(REFERENCE_NAME, pipeline_sampler(pipe, num_inference_steps, guidance_scale), eval_set, None,
+                      batch_size, steps=num_inference_steps)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        torch.save({"images": result.images, "prompt_accuracy": result.prompt_accuracy,
+                    "fidelity_psnr_db": result.fidelity_psnr_db, "seconds": result.seconds}, tmp)
+        tmp.replace(path)
+    return result
+
+
+def results_table(results: Sequence[EvalResult]) -> str:
+    """A plain-text table of the results (name, prompt accuracy, fidelity, seconds)."""
+    lines = [f"{'sampler':<22}{'prompt acc.':>12}{'PSNR vs 50-step (dB)':>23}{'seconds':>10}"]
+    for r in results:
+        psnr = "—" if r.fidelity_psnr_db is None else f"{r.fidelity_psnr_db:.2f}"
+        lines.append(f"{r.name:<22}{r.prompt_accuracy:>12.3f}{psnr:>23}{r.seconds:>10.1f}")
+    return "\n".join(lines)
+
+
+def show_results(results: Sequence[EvalResult], eval_set: EvalSet, per_row: int = 10, filename: str | None = None):
+    """One row of images per sampler (the first image of each digit, same noise in every row); saved under
+    ``figures/filename`` of the output folder when given. Returns the figure."""
+    from helpers.plotting import show_images
+    from helpers.report import save_figure
+
+    per_digit = max(1, len(eval_set) // 10)
+    picks = list(range(0, len(eval_set), per_digit))[:per_row]
+    images = torch.cat([r.images[picks] for r in results])
+    titles = [f"{r.name}\ndigit {int(eval_set.digits[i])}" if j == 0 else f"\ndigit {int(eval_set.digits[i])}"
+              for r in results for j, i in enumerate(picks)]
+    fig = show_images(images, titles=titles, ncols=len(picks), size=1.6)
+    if filename:
+        save_figure(fig, filename)
+    return fig

@@ -1,0 +1,95 @@
+"""Every student mutant of ``tests/mutants/`` graded by ``python -m autograder grade`` in one batch, one
+submission per mutant (the mutant substituted into the reference notebook of its assignment): a WRONG mutant
+loses exactly its function's points and nothing else, a CORRECT one gets full points.
+
+This runs the real notebooks (one kernel per mutant, about 100 submissions): it is marked ``slow``.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autograder.testing import CourseFiles, dump, substitute
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTANTS = ROOT / "tests" / "mutants"
+SOLUTIONS = ROOT / "solutions"
+
+pytestmark = pytest.mark.slow
+
+
+def _model_available() -> bool:
+    from helpers.models import resolve_model
+
+    try:
+        spec = resolve_model()
+    except FileNotFoundError:
+        return False
+    return spec.kind != "custom" or Path(spec.source).is_dir()
+
+
+def _mutants() -> list[tuple[str, str, str, str, str]]:
+    """(kind, assignment, function, label, source) of every mutant."""
+    found = []
+    for path in sorted(MUTANTS.glob("a[0-9][0-9]_*.py")):
+        assignment = path.stem[1:]
+        ns = runpy.run_path(str(path))
+        for kind in ("WRONG", "CORRECT"):
+            for fn, labels in ns[kind].items():
+                found += [(kind, assignment, fn, label, src) for label, src in labels.items()]
+    return found
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    if not all((SOLUTIONS / p.stem[1:]).is_dir() for p in MUTANTS.glob("a[0-9][0-9]_*.py")):
+        pytest.skip("the solution notebooks of every assignment with mutants are needed")
+    if not _model_available():
+        pytest.skip("no model: restore helpers/assets/digits-sd or set CD_KIT_MODEL to a local pipeline folder")
+    root = tmp_path_factory.mktemp("mutants")
+    course = CourseFiles.build(SOLUTIONS, root / "work")
+    sub, out = root / "submitted", root / "out"
+    students = {}
+    for i, (kind, assignment, fn, label, source) in enumerate(_mutants()):
+        student = f"{kind.lower()}-{i:03d}-{re.sub(r'[^A-Za-z0-9]+', '-', fn)}"
+        name, nb = course.notebook(assignment)
+        course.write(sub / student / assignment, {f"{name}.ipynb": dump(substitute(nb, fn, source))})
+        students[student] = (kind, assignment, fn, label)
+    for assignment in course.reference:
+        name, nb = course.notebook(assignment)
+        course.write(sub / "reference" / assignment, {f"{name}.ipynb": dump(nb)})
+    cmd = [sys.executable, "-m", "autograder", "grade", str(sub), "--out", str(out), "--workers", "2", "--timeout", "60"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert done.returncode == 0, done.stdout + done.stderr[-5000:]
+    with open(out / "cells.csv", newline="", encoding="utf-8") as fh:
+        cells = list(csv.DictReader(fh))
+    return students, cells
+
+
+def test_reference_gets_full_points(batch):
+    _, cells = batch
+    ref = [c for c in cells if c["student_id"] == "reference" and c["status"] != "manual"]
+    assert ref and all(c["status"] == "passed" and c["score"] == c["max_score"] for c in ref), ref
+
+
+def test_each_mutant_loses_exactly_its_own_points(batch):
+    students, cells = batch
+    full = {(c["assignment"], c["grade_id"]): c["score"] for c in cells if c["student_id"] == "reference"}
+    problems = []
+    for c in cells:
+        if c["student_id"] not in students:
+            continue
+        kind, assignment, fn, label = students[c["student_id"]]
+        own = c["grade_id"] == f"test_{fn}"
+        expected = "0" if (kind == "WRONG" and own) else full[(assignment, c["grade_id"])]
+        if c["score"] != expected:
+            problems.append(f"{kind} {fn} [{label}]: {c['grade_id']} scored {c['score']} (expected {expected}): "
+                            f"{c['status']} {c['message'][:200]}")
+    assert not problems, "\n".join(problems)

@@ -1,0 +1,312 @@
+"""The training plumbing of assignments 04-05: settings per run mode, LoRA phases, adapter files, the
+encoded training set, the evaluation of samplers, and the recording fakes the checks rely on."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import data, evaluation, training
+from helpers.fakes import (Recorder, ToyUNet, active_autocast, record_calls, tiny_pipeline, track_autocast,
+                           track_grad_scaler)
+from helpers.models import ModelSpec
+
+SMALL = replace(training.settings_for("small"), lora_rank=4)
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch):
+    """A fresh output folder for helpers.report, outside nbgrader."""
+    monkeypatch.setenv("CD_KIT_OUT", str(tmp_path))
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    monkeypatch.delenv("CD_KIT_REDUCED", raising=False)
+    return tmp_path
+
+
+def _probe(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    return x, torch.tensor([999, 259]), torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=g)
+
+
+def _out(unet, probe):
+    with torch.no_grad():
+        return unet(*probe[:2], encoder_hidden_states=probe[2]).sample
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_run_settings_shrink_under_grading_and_in_the_reduced_run(monkeypatch):
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    monkeypatch.delenv("CD_KIT_REDUCED", raising=False)
+    full = training.run_settings("small")
+    assert full == training.settings_for("small")
+    monkeypatch.setenv("CD_KIT_REDUCED", "1")
+    reduced = training.run_settings("small")
+    assert reduced.max_steps < full.max_steps and reduced.batch_size == full.batch_size
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    graded = training.run_settings("sd15")
+    assert graded.max_steps <= 2 and graded.batch_size <= 8 and graded.gradient_accumulation_steps == 1
+    assert graded.num_images <= 32
+
+
+def test_num_phase_steps():
+    assert training.num_phase_steps(replace(SMALL, max_steps=7), 10) == 7
+    one_pass = replace(SMALL, max_steps=None, batch_size=8, gradient_accumulation_steps=2, epochs=1)
+    assert training.num_phase_steps(one_pass, 5000) == 312  # the original course's ~312 steps
+    with pytest.raises(ValueError, match="do not fill one optimizer step"):
+        training.num_phase_steps(one_pass, 10)
+
+
+def test_small_settings_are_the_tuned_recipe():
+    s = training.settings_for("small")
+    assert s.max_steps and s.batch_size * s.gradient_accumulation_steps >= 16 and s.learning_rate > 1e-4
+    assert set(s.lora_targets) == set(training.SD15_LORA_TARGETS)
+    with pytest.raises(ValueError, match="unknown model kind"):
+        training.settings_for("sdxl")
+
+
+# ------------------------------------------------------------------------------------------ phases
+def test_phases_train_only_their_own_adapter_and_keep_the_earlier_ones():
+    pipe = tiny_pipeline()
+    unet = pipe.unet.to(torch.float16)  # as loaded on a GPU
+    teacher = training.frozen_copy(unet)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    probe = _probe(pipe)
+    optimizer = training.start_phase(unet, "ct", SMALL)
+    assert unet.dtype == torch.float32 and unet.training
+    trainable = training.trainable_parameters(unet)
+    assert trainable and {id(p) for p in trainable} == {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert all(".ct." in n for n, p in unet.named_parameters() if p.requires_grad)
+    fresh = _out(unet, probe)
+    with training.adapters_disabled(unet):
+        base = _out(unet, probe)
+    assert torch.equal(fresh, base), "a new adapter starts as the identity (LoRA B = 0)"
+    _out(unet, probe)
+    loss = unet(*probe[:2], encoder_hidden_states=probe[2]).sample.square().mean()
+    loss.backward()
+    optimizer.step()
+    ct_out = _out(unet, probe)
+    assert not torch.equal(ct_out, base)
+    with training.adapters_disabled(unet):
+        assert torch.allclose(_out(unet, probe), _out(teacher.float(), probe), atol=2e-3)
+
+    training.start_phase(unet, "cd", replace(SMALL, gradient_checkpointing=True))
+    assert training.adapter_names(unet) == ["ct", "cd"] and unet.active_adapters() == ["cd"]
+    assert unet.is_gradient_checkpointing
+    assert all(".cd." in n for n, p in unet.named_parameters() if p.requires_grad)
+    training.use_adapter(unet, "ct")
+    assert torch.equal(_out(unet, probe), ct_out), "the trained ct adapter must survive the next phase"
+
+
+def test_a_trained_adapter_is_not_replaced_by_accident():
+    unet = tiny_pipeline().unet
+    training.start_phase(unet, "ct", SMALL)
+    with pytest.raises(ValueError, match="already has an adapter 'ct'"):
+        training.start_phase(unet, "ct", SMALL)
+    training.start_phase(unet, "ct", SMALL, replace=True)
+    assert training.adapter_names(unet) == ["ct"]
+    with pytest.raises(ValueError, match="take the teacher copy"):
+        training.frozen_copy(unet)
+    with pytest.raises(ValueError, match="No adapter 'nope'"):
+        training.use_adapter(unet, "nope")
+
+
+def test_save_and_load_round_trip_exactly_with_every_module_kind(tmp_path):
+    pipe = tiny_pipeline()
+    unet, probe = pipe.unet, _probe(pipe)
+    training.start_phase(unet, "multi_cd", SMALL)
+    with torch.no_grad():
+        for p in training.trainable_parameters(unet):
+            p.add_(0.01 * torch.randn_like(p))
+    want = _out(unet, probe)
+    path = training.save_adapter(unet, "multi_cd", tmp_path / "a" / "multi_cd.safetensors")
+    assert not list(tmp_path.rglob("*.partial"))
+    saved = load_file(str(path))
+    kinds = {k.split(".lora_")[0].split(".")[-1] for k in saved}
+    assert {"to_q", "conv1", "time_emb_proj", "proj_in"} <= kinds, kinds
+    assert not any("multi_cd" in k for k in saved), "keys are stored without the adapter name"
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        training.save_adapter(unet, "multi_cd", path)
+    training.save_adapter(unet, "multi_cd", path, overwrite=True)
+
+    fresh = tiny_pipeline().unet
+    assert not torch.equal(_out(fresh, probe), want)
+    assert training.load_adapter(fresh, path) == "multi_cd"
+    assert torch.equal(_out(fresh, probe), want), "the reloaded adapter must give identical outputs"
+    with pytest.raises(ValueError, match="already has an adapter"):
+        training.load_adapter(fresh, path)
+    assert training.load_adapter(fresh, path, name="copy") == "copy"
+
+
+def test_adapter_files_are_checked(tmp_path):
+    unet = tiny_pipeline().unet
+    with pytest.raises(ValueError, match=".safetensors"):
+        training.save_adapter(unet, "ct", tmp_path / "ct.bin")
+    with pytest.raises(ValueError, match="No adapter 'ct'"):
+        training.save_adapter(unet, "ct", tmp_path / "ct.safetensors")
+    with pytest.raises(FileNotFoundError):
+        training.load_adapter(unet, tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not written by save_adapter"):
+        training.load_adapter(unet, tmp_path / "other.safetensors")
+
+
+def test_make_optimizer_needs_parameters():
+    with pytest.raises(ValueError, match="add a LoRA adapter first"):
+        training.make_optimizer([], SMALL)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_digit_pairs_are_repeatable_with_varied_prompts():
+    images, captions, digits = data.digit_pairs(40, seed=3)
+    again = data.digit_pairs(40, seed=3)
+    assert images.shape == (40, 3, 32, 32) and torch.equal(images, again[0]) and captions == again[1]
+    assert images.min() >= -1 and images.max() <= 1
+    assert len(set(captions)) > 10, "prompts vary across templates"
+    from helpers.small_model import DIGIT_WORDS
+
+    assert all(str(int(d)) in c or DIGIT_WORDS[int(d)] in c for c, d in zip(captions, digits)), "captions name the digit"
+    assert data.digit_pairs(40, seed=4)[1] != captions
+
+
+def test_training_dataset_is_encoded_once_and_cached(out, monkeypatch):
+    pipe = tiny_pipeline()
+    spec = ModelSpec("tiny", "tiny-source", "small", 3.0, "7")
+    settings = replace(SMALL, num_images=24)
+    first = data.training_dataset(pipe, spec, settings)
+    latents, embeds = first.tensors
+    assert latents.shape == (24, 4, 16, 16) and embeds.shape == (24, 77, pipe.text_encoder.config.hidden_size)
+    cached = list((out / "cache").glob("train-*.pt"))
+    assert len(cached) == 1
+    monkeypatch.setattr(data, "encode_pairs", lambda *a, **k: pytest.fail("encoded twice"))
+    assert data.training_dataset(pipe, spec, settings) is first
+    data._MEMORY.clear()
+    again = data.training_dataset(pipe, spec, settings)
+    assert torch.equal(again.tensors[0], latents)
+
+
+def test_dataset_is_not_written_while_grading(out, monkeypatch):
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    data._MEMORY.clear()
+    data.training_dataset(tiny_pipeline(), ModelSpec("t", "graded-source", "small", 3.0, "7"), replace(SMALL, num_images=8))
+    assert not list(out.rglob("train-*.pt"))
+
+
+def test_encode_pairs_scales_latents():
+    pipe = tiny_pipeline()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    ds = data.encode_pairs(pipe, (images, ["1", "2", "3", "4"]), batch_size=3, progress=False)
+    with torch.no_grad():
+        mean = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert ds.tensors[0].shape == mean.shape and (ds.tensors[0] - mean).abs().mean() < 0.5 * mean.abs().mean() + 0.5
+    with pytest.raises(ValueError, match="4 images but 3 captions"):
+        data.encode_pairs(pipe, (images, ["1", "2", "3"]), progress=False)
+
+
+def test_dataloader_batches_are_whole_and_fp32():
+    ds = torch.utils.data.TensorDataset(torch.randn(10, 4, 2, 2).half(), torch.randn(10, 3, 5).half())
+    batches = list(data.training_dataloader(ds, batch_size=4, seed=0))
+    assert len(batches) == 2 and all(b[0].shape[0] == 4 and b[0].dtype == torch.float32 for b in batches)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        data.training_dataloader(ds, batch_size=11)
+
+
+def test_data_source_follows_the_model_kind(monkeypatch):
+    monkeypatch.delenv("CD_KIT_DATA", raising=False)
+    assert data.data_source("small") == "digits" and data.data_source("custom") == "digits"
+    assert data.data_source("sd15") == "captions"
+    monkeypatch.setenv("CD_KIT_DATA", "/somewhere")
+    assert data.data_source("custom") == "captions"
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_eval_set_is_fixed():
+    pipe = tiny_pipeline()
+    a, b = evaluation.make_eval_set(pipe, per_digit=2, seed=5), evaluation.make_eval_set(pipe, per_digit=2, seed=5)
+    assert len(a) == 20 and a.prompts == b.prompts and torch.equal(a.latents, b.latents)
+    assert a.digits.tolist() == [d for d in range(10) for _ in range(2)]
+    assert a.key() != evaluation.make_eval_set(pipe, per_digit=2, seed=6).key()
+    with pytest.raises(ValueError):
+        evaluation.make_eval_set(pipe, per_digit=0)
+
+
+def test_samplers_start_from_the_given_latents():
+    pipe = tiny_pipeline(ToyUNet(sample_size=16))
+    eval_set = evaluation.make_eval_set(pipe, per_digit=1)
+    with record_calls(pipe.unet) as calls:
+        images = evaluation.pipeline_sampler(pipe, 2, guidance_scale=1.0)(eval_set.prompts[:3], eval_set.latents[:3])
+    assert images.shape == (3, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert torch.allclose(calls[0].sample, eval_set.latents[:3] * pipe.scheduler.init_noise_sigma)
+    seen = {}
+
+    def sampler(pipe, prompts, num_images_per_prompt, latents, generator, output_type, **kw):
+        seen.update(latents=latents, n=num_images_per_prompt, output_type=output_type, kw=kw)
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+    evaluation.function_sampler(sampler, pipe, num_boundaries=4)(eval_set.prompts[:2], eval_set.latents[:2])
+    assert torch.equal(seen["latents"], eval_set.latents[:2]) and seen["n"] == 1 and seen["output_type"] == "pt"
+    assert seen["kw"] == {"num_boundaries": 4}
+
+
+def test_evaluate_records_and_the_teacher_reference_is_cached(out, monkeypatch):
+    pipe = tiny_pipeline(ToyUNet(sample_size=16))
+    eval_set = evaluation.make_eval_set(pipe, per_digit=1)
+    ref = evaluation.teacher_reference(pipe, eval_set, 2.0, "tiny", num_inference_steps=2)
+    assert ref.name == "teacher_ddim50" and ref.fidelity_psnr_db == 100.0 and 0 <= ref.prompt_accuracy <= 1
+    four = evaluation.evaluate("teacher_ddim4", evaluation.pipeline_sampler(pipe, 1, 2.0), eval_set, ref.images,
+                               steps=1)
+    assert four.fidelity_psnr_db < 100.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["samplers"]) == {"teacher_ddim50", "teacher_ddim4"}
+    assert metrics["samplers"]["teacher_ddim4"]["steps"] == 1 and "sample_teacher_ddim4" in metrics["timings_s"]
+    monkeypatch.setattr(evaluation, "pipeline_sampler", lambda *a, **k: pytest.fail("the teacher ran again"))
+    cached = evaluation.teacher_reference(pipe, eval_set, 2.0, "tiny", num_inference_steps=2)
+    assert torch.equal(cached.images, ref.images) and cached.extra == {"cached": True}
+    text = evaluation.results_table([ref, four])
+    assert "teacher_ddim4" in text and "100.00" in text
+
+
+# ------------------------------------------------------------------------------------------ fakes
+def test_track_autocast_records_requests_and_restores_torch():
+    cls = torch.amp.autocast_mode.autocast
+    before = (cls.__init__, cls.__enter__, cls.__exit__)
+    with track_autocast():
+        assert active_autocast() == ()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            inner = active_autocast()
+        assert active_autocast() == ()
+    assert inner and inner[-1].device_type == "cpu" and inner[-1].dtype == torch.bfloat16 and not inner[-1].enabled
+    assert (cls.__init__, cls.__enter__, cls.__exit__) == before
+
+
+def test_track_grad_scaler_counts_use():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    with track_grad_scaler() as log:
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        scaler.scale(p.sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert log.created == [{"device": "cuda", "enabled": False}] and (log.scale, log.step, log.update) == (1, 1, 1)
+    torch.amp.GradScaler("cuda", enabled=False).scale(p.sum())
+    assert log.scale == 1, "counting stops with the context"
+
+
+def test_toy_unet_and_recorder():
+    toy = ToyUNet(sample_size=8)
+    x, e = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 16)
+    a = toy(x, torch.tensor([1, 500, 999]), encoder_hidden_states=e).sample
+    b = toy(x, 500, e, return_dict=False)[0]
+    assert a.shape == x.shape and not torch.equal(a, b) and torch.equal(a[1], b[1])
+    assert [c.timesteps.tolist() for c in toy.calls] == [[1, 500, 999], [500, 500, 500]]
+    rec = Recorder(lambda p, q=2: p + q)
+    assert rec(1) == 3 and rec.calls[0]["p"] == 1 and rec.calls[0]["q"] == 2 and rec.calls[0]["return"] == 3
+    with record_calls(toy) as calls:
+        toy(x, 3, e)
+    toy(x, 3, e)
+    assert len(calls) == 1
