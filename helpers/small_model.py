@@ -36,7 +36,7 @@ __all__ = [
     "DIGIT_WORDS", "PROMPT_TEMPLATES", "EMPTY_PROMPT", "SD15_SCHEDULER_CONFIG", "DATA_DESCRIPTION",
     "digit_prompt", "all_digit_prompts", "load_digits_dataset",
     "unet_config", "vae_config", "text_encoder_config",
-    "build_unet", "build_vae", "build_text_encoder", "build_scheduler", "build_tokenizer",
+    "build_unet", "build_vae", "build_text_encoder", "build_scheduler", "shipped_scheduler", "build_tokenizer",
     "tokenizer_corpus", "assemble_pipeline",
 ]
 
@@ -213,6 +213,17 @@ def build_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SD15_SCHEDULER_CONFIG)
 
 
+def shipped_scheduler():
+    """The scheduler the model folder ships: SD1.5's own (``PNDMScheduler``, "leading" spacing, same betas).
+
+    Like SD1.5, the folder does not come with DDIM "trailing": swapping it in is the students' first task.
+    """
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+
+
 # ------------------------------------------------------------------------------------------- tokenizer
 def tokenizer_corpus() -> list[str]:
     """Text the BPE merges are learned on: every templated prompt, plus a few general words."""
@@ -300,7 +311,7 @@ def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer
 
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler if scheduler is not None else build_scheduler(),
+        scheduler=scheduler if scheduler is not None else shipped_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

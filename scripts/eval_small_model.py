@@ -40,9 +40,11 @@ from helpers import small_model as sm  # noqa: E402
 def load_pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline
 
+    from helpers.models import use_trailing_ddim
+
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return use_trailing_ddim(pipe)  # the folder ships SD1.5's PNDM scheduler; the course samples with DDIM
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ def test_folder_loads_offline_in_a_fresh_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK UNet2DConditionModel AutoencoderKL CLIPTextModel CLIPTokenizer DDIMScheduler" in out.stdout
+    assert "OK UNet2DConditionModel AutoencoderKL CLIPTextModel CLIPTokenizer PNDMScheduler" in out.stdout
 
 
 def test_folder_is_safetensors_only_and_small():
@@ -70,15 +70,17 @@ def test_folder_is_safetensors_only_and_small():
 
 
 def test_parts_are_sd15_classes_with_sd15_schedule(pipe):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
-    assert isinstance(pipe.scheduler, DDIMScheduler)
+    # Like SD1.5 the folder ships PNDM with "leading" spacing: swapping in DDIM "trailing" is task 01.
+    assert isinstance(pipe.scheduler, PNDMScheduler)
     cfg = pipe.scheduler.config
-    for key, value in sm.SD15_SCHEDULER_CONFIG.items():
-        assert cfg[key] == value, key
+    assert cfg.timestep_spacing == "leading"
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset"):
+        assert cfg[key] == sm.SD15_SCHEDULER_CONFIG[key], key
     assert pipe.unet.dtype == torch.float32
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == sm.IMAGE_SIZE
