@@ -85,8 +85,29 @@ def _graded_against_reference(fn, name: str):
             g.pop(k, None)
 
 
+_OPEN: dict[str, object] = {}
+
+
+def grade_alone(name: str, student_fn) -> None:
+    """From here until :func:`hidden_check` for ``name``, ``student_fn`` calls the reference versions of the
+    other graded functions (e.g. the sampler uses the reference boundaries), so the *visible* tests of one
+    function do not fail because of a mistake in another. Used in a hidden block above the visible tests."""
+    if name in _OPEN:
+        return
+    ctx = _graded_against_reference(student_fn, name)
+    ctx.__enter__()
+    _OPEN[name] = ctx
+
+
+def _close(name: str) -> None:
+    ctx = _OPEN.pop(name, None)
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+
+
 def hidden_check(name: str, student_fn) -> None:
     """Run the hidden battery for ``name`` on ``student_fn`` (called from the hidden tests of a notebook)."""
+    _close(name)
     if name not in CHECKS:
         raise KeyError(f"no hidden checks registered for {name!r}")
     if not callable(student_fn):
