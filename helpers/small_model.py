@@ -36,7 +36,7 @@ __all__ = [
     "DIGIT_WORDS", "PROMPT_TEMPLATES", "EMPTY_PROMPT", "SD15_SCHEDULER_CONFIG", "DATA_DESCRIPTION",
     "digit_prompt", "all_digit_prompts", "load_digits_dataset",
     "unet_config", "vae_config", "text_encoder_config",
-    "build_unet", "build_vae", "build_text_encoder", "build_scheduler", "shipped_scheduler", "build_tokenizer",
+    "build_unet", "build_vae", "build_text_encoder", "build_scheduler", "shipped_scheduler", "mark_scheduler_like_sd15", "build_tokenizer",
     "tokenizer_corpus", "assemble_pipeline",
 ]
 
@@ -222,6 +222,15 @@ def shipped_scheduler():
 
     return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+
+
+def mark_scheduler_like_sd15(folder: Path) -> None:
+    """SD1.5's scheduler_config.json also carries ``"clip_sample": false`` (unused by PNDM, read by
+    ``DDIMScheduler.from_config``); write it into a saved pipeline folder the same way."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["clip_sample"] = False
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- tokenizer

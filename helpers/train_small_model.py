@@ -325,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for f in ("model_index.json",):
         (out / f).unlink(missing_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    sm.mark_scheduler_like_sd15(Path(out))
     # keep vocab.json / merges.txt next to tokenizer.json (older transformers read those)
     sm.build_tokenizer(out / "tokenizer")
     timings["total_s"] = round(time.time() - t_all, 1)
