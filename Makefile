@@ -32,7 +32,10 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	MPLBACKEND=Agg $(PY) -m helpers.reference_run $(if $(MODEL),--model $(MODEL)) --out $(OUT) $(ARGS)
 
+# In CI (CI set) or with BROWSER=1 the browser test's Chromium + Playwright are installed first; elsewhere the
+# browser test skips with a message saying how to run it.
 test: venv
+	$(if $(or $(CI),$(BROWSER)),bash scripts/setup_browser_test.sh)
 	MPLBACKEND=Agg $(PY) -m pytest $(ARGS)
 
 release: venv
