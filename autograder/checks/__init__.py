@@ -14,6 +14,7 @@ counts.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -66,7 +67,8 @@ def reference_globals(name: str) -> dict:
 def _graded_against_reference(fn, name: str):
     """Temporarily point the names ``fn`` looks up globally (q_sample, ddim_solver_step, ...) at the reference,
     so that a mistake elsewhere in the student's notebook does not cost points here."""
-    g = getattr(fn, "__globals__", None)
+    # a decorated function (e.g. @torch.no_grad()) is a wrapper living in the decorator's module: unwrap it
+    g = getattr(inspect.unwrap(fn), "__globals__", None)
     if g is None:
         yield
         return
