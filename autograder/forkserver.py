@@ -25,12 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["RecheckClient", "serve", "sanitized_env"]
+__all__ = ["RecheckClient", "serve", "sanitized_env", "NO_FORK_POISON"]
 
 _KEEP_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "HOME", "USER", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
              "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
              "OMP_WAIT_POLICY",
              "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "TORCH_HOME")
+
+
+# torch.cuda.is_available() (called by diffusers and accelerate at import) marks a process whose children
+# cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess") unless torch asks NVML instead: the fork
+# servers, which import torch and then fork, set this. Found grading on an H100, 2026-11-26.
+NO_FORK_POISON = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 
 
 def sanitized_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -40,7 +46,7 @@ def sanitized_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update({k: v for k, v in os.environ.items() if k.startswith("CD_KIT_")})
     env.update({"NBGRADER_EXECUTION": "autograde", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1", **NO_FORK_POISON})
     env.update(extra or {})
     return env
 

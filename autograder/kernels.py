@@ -157,8 +157,11 @@ class KernelForkClient:
         """Start the server (it preloads in the background); :meth:`spawn` starts it if needed."""
         if self.proc is None and self.starts_left > 0:
             self.starts_left -= 1
+            from autograder.forkserver import NO_FORK_POISON
+
             self.proc = subprocess.Popen([sys.executable, "-m", "autograder.kernels", json.dumps(self.config)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                                         env={**os.environ, **NO_FORK_POISON})
 
     def _readline(self, timeout_s: float) -> dict | None:
         assert self.proc is not None and self.proc.stdout is not None

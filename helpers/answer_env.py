@@ -7,12 +7,24 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm as _auto_tqdm
 
+from helpers import runmode
 from helpers.schedule import alpha_sigma, gather, timesteps_like
+
+
+class tqdm(_auto_tqdm):  # noqa: N801 - tqdm's own name
+    """``tqdm.auto.tqdm``; while nbgrader runs the notebook a text progress bar goes to stdout, since nbgrader
+    fails a test cell that writes to stderr (on a host without ipywidgets tqdm.auto falls back to text)."""
+
+    def __init__(self, *args, **kwargs):
+        if runmode.grading():
+            kwargs.setdefault("file", sys.stdout)
+        super().__init__(*args, **kwargs)
 
 __all__ = ["math", "functools", "torch", "F", "tqdm", "gather", "alpha_sigma", "timesteps_like", "namespace"]
 

@@ -158,3 +158,18 @@ def test_plots_are_saved(tmp_path):
     assert (tmp_path / "l.png").exists()
     with pytest.raises(ValueError, match="no images"):
         show_images([])
+
+
+def test_answer_env_progress_bar_stays_off_stderr_while_grading(monkeypatch, capsys):
+    # nbgrader fails a test cell that writes to stderr; without ipywidgets tqdm.auto falls back to text.
+    from helpers.answer_env import tqdm
+
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    for _ in tqdm(range(3), desc="training"):
+        pass
+    captured = capsys.readouterr()
+    assert captured.err == "" and "training" in captured.out
+    monkeypatch.delenv("NBGRADER_EXECUTION")
+    for _ in tqdm(range(3), desc="student"):
+        pass
+    assert "student" in capsys.readouterr().err  # a student's own run keeps tqdm's default
