@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SD15_LORA_TARGETS", "TrainSettings", "settings_for", "lora_config", "run_settings", "num_phase_steps",
+__all__ = ["SD15_LORA_TARGETS", "PROFILES", "PROFILE_ENV_VAR", "TrainSettings", "settings_for", "pick_profile",
+           "SharedBaseTeacher", "make_teacher", "lora_config", "run_settings", "num_phase_steps",
            "frozen_copy", "prepare_unet_for_phase", "adapter_names", "add_phase_adapter", "use_adapter",
            "adapters_disabled", "trainable_parameters", "make_optimizer", "start_phase", "save_adapter",
            "load_adapter", "ADAPTER_FORMAT"]
@@ -50,27 +51,66 @@ class TrainSettings:
     num_images: int | None = None  # images of the training set used (None = all)
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps per phase (None = one pass over the data)
+    phase_steps: dict = field(default_factory=dict)  # per-phase overrides of max_steps, e.g. {"multi_cd": 400}
     gradient_checkpointing: bool = False
     step_size: int = 20  # DDIM grid step of the loss (50-step teacher grid)
     guidance_scale: float = 7.5  # teacher guidance for CD
     huber_c: float = 0.001
+    # "fp32": the frozen base weights in fp32 under fp16 autocast (the course's recipe); "half": the base
+    # stays in the pipeline's dtype (fp16 on CUDA). The LoRA weights are trained in fp32 either way.
+    student_base: str = "fp32"
+    # "separate": a frozen copy of the UNet (fp16 on CUDA) is the teacher; "shared": the student's own base
+    # with its adapters switched off (no second UNet in memory).
+    teacher: str = "separate"
+    profile: str = "course"
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def settings_for(kind: str) -> TrainSettings:
-    """Training settings for a model kind: ``"sd15"``/``"custom"`` (the original recipe) or ``"small"``."""
+# Training profiles (docs/benchmarks.md has the measurements behind them):
+#   course      the course's recipe: fp32 student base under fp16 autocast, separate fp16 teacher.
+#   low-memory  for GPUs under 20 GiB (a 16 GB T4): fp16 frozen base shared by student and teacher, gradient
+#               checkpointing; SD1.5 at batch 8 peaks at 10.5 GiB (H100, 2026-11-26) instead of 14.5 GiB.
+PROFILES = ("course", "low-memory")
+PROFILE_ENV_VAR = "CD_KIT_TRAIN_PROFILE"
+LOW_MEMORY_BELOW_GIB = 20.0
+
+
+def pick_profile(profile: str | None = None) -> str:
+    """The training profile: ``profile`` if given, else ``$CD_KIT_TRAIN_PROFILE``, else ``low-memory`` on a
+    CUDA GPU with less than 20 GiB and ``course`` otherwise."""
+    import os
+
+    profile = profile or os.environ.get(PROFILE_ENV_VAR) or None
+    if profile is None:
+        small_gpu = torch.cuda.is_available() and (
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 < LOW_MEMORY_BELOW_GIB)
+        profile = "low-memory" if small_gpu else "course"
+    if profile not in PROFILES:
+        raise ValueError(f"Unknown training profile {profile!r}: choose one of {PROFILES} "
+                         f"(argument or ${PROFILE_ENV_VAR})")
+    return profile
+
+
+def settings_for(kind: str, profile: str | None = None) -> TrainSettings:
+    """Training settings for a model kind: ``"sd15"``/``"custom"`` (the original recipe) or ``"small"``,
+    in the training ``profile`` (:func:`pick_profile`)."""
     if kind in ("sd15", "custom"):
         # COCO 5k pairs at 512^2, batch 8 x 2 accumulation, AdamW 1e-4, rank 64, one pass (~312 steps).
-        return TrainSettings(batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-4, lora_rank=64,
-                             num_images=5000, gradient_checkpointing=True, guidance_scale=7.5)
-    if kind == "small":
-        # Tuned for the shipped digits model on 2 CPU cores (see docs/reference_run.md).
-        return TrainSettings(batch_size=64, gradient_accumulation_steps=1, learning_rate=1e-3, lora_rank=16,
-                             max_steps=300, guidance_scale=3.0)
-    raise ValueError(f"unknown model kind {kind!r}")
+        s = TrainSettings(batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-4, lora_rank=64,
+                          num_images=5000, gradient_checkpointing=True, guidance_scale=7.5)
+    elif kind == "small":
+        # Tuned for the shipped digits model on 2 CPU cores (docs/reference_run.md): guidance as the model
+        # recommends (its teacher_ddim50 reference uses the same).
+        s = TrainSettings(batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, lora_rank=16,
+                          max_steps=150, phase_steps={"multi_cd": 500}, guidance_scale=5.0)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}: use 'sd15', 'small' or 'custom'")
+    if pick_profile(profile) == "low-memory":
+        s = replace(s, student_base="half", teacher="shared", gradient_checkpointing=True, profile="low-memory")
+    return s
 
 
 def lora_config(settings: TrainSettings):
@@ -81,25 +121,30 @@ def lora_config(settings: TrainSettings):
                       target_modules=list(settings.lora_targets))
 
 
-def run_settings(kind: str) -> TrainSettings:
+def run_settings(kind: str, profile: str | None = None) -> TrainSettings:
     """:func:`settings_for` shrunk for the run mode (:func:`helpers.runmode.pick`): a few tiny steps under
     nbgrader, fewer steps in the reduced reference run, the full recipe otherwise."""
     from helpers import runmode
 
-    s = settings_for(kind)
-    full_steps = s.max_steps if s.max_steps is not None else None
+    s = settings_for(kind, profile)
+    def shrink(steps):
+        return runmode.pick(steps, reduced_value=max(1, (steps or 200) // 10), grading_value=2)
+
     return replace(
         s,
-        max_steps=runmode.pick(full_steps, reduced_value=max(1, (full_steps or 200) // 10), grading_value=2),
+        max_steps=shrink(s.max_steps),
+        phase_steps={phase: shrink(steps) for phase, steps in s.phase_steps.items()},
         batch_size=runmode.pick(s.batch_size, grading_value=min(s.batch_size, 8)),
         gradient_accumulation_steps=runmode.pick(s.gradient_accumulation_steps, grading_value=1),
         num_images=runmode.pick(s.num_images, reduced_value=min(s.num_images or 512, 512), grading_value=32),
     )
 
 
-def num_phase_steps(settings: TrainSettings, num_examples: int) -> int:
-    """Optimizer steps of one phase: ``max_steps`` if set, else ``epochs`` passes over ``num_examples``
-    examples (whole batches only)."""
+def num_phase_steps(settings: TrainSettings, num_examples: int, phase: str | None = None) -> int:
+    """Optimizer steps of one phase: ``phase_steps[phase]`` or ``max_steps`` if set, else ``epochs`` passes
+    over ``num_examples`` examples (whole batches only)."""
+    if phase is not None and settings.phase_steps.get(phase) is not None:
+        return int(settings.phase_steps[phase])
     if settings.max_steps is not None:
         return int(settings.max_steps)
     per_step = settings.batch_size * settings.gradient_accumulation_steps
@@ -123,10 +168,38 @@ def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
+class SharedBaseTeacher(torch.nn.Module):
+    """The teacher as the student's own frozen base: calls ``unet`` with all its LoRA adapters switched off,
+    so that no second copy of the weights is held (the ``shared`` teacher of :class:`TrainSettings`).
+    ``dtype``, ``device``, ``config`` are the UNet's."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_unet"] = unet  # not a submodule: its parameters stay the student's alone
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), adapters_disabled(self._unet):
+            return self._unet(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_unet"], name)
+
+
+def make_teacher(unet: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
+    """The frozen teacher the settings ask for: a separate copy (:func:`frozen_copy`, take it before any
+    adapter is added) or the student's own base (:class:`SharedBaseTeacher`)."""
+    if settings.teacher == "shared":
+        return SharedBaseTeacher(unet)
+    if settings.teacher == "separate":
+        return frozen_copy(unet)
+    raise ValueError(f"settings.teacher must be 'separate' or 'shared', got {settings.teacher!r}")
+
+
 def prepare_unet_for_phase(unet: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
-    """Get ``unet`` ready for a training phase: fp32 weights (mixed precision comes from autocast), train
-    mode, every base weight frozen, gradient checkpointing on or off as ``settings`` say."""
-    if any(p.dtype != torch.float32 for p in unet.parameters()):
+    """Get ``unet`` ready for a training phase: fp32 base weights (the ``course`` profile; mixed precision
+    comes from autocast) or the base left in its half precision (``low-memory``), train mode, every base
+    weight frozen, gradient checkpointing on or off as ``settings`` say."""
+    if settings.student_base == "fp32" and any(p.dtype != torch.float32 for p in unet.parameters()):
         unet.to(dtype=torch.float32)
     unet.train()
     unet.requires_grad_(False)
@@ -207,6 +280,8 @@ def start_phase(unet: torch.nn.Module, name: str, settings: TrainSettings, repla
     prepare_unet_for_phase(unet, settings)
     add_phase_adapter(unet, name, settings, replace=replace)
     params = trainable_parameters(unet)
+    for p in params:  # the LoRA weights train in fp32 also on a half-precision base
+        p.data = p.data.float()
     stray = [n for n, p in unet.named_parameters() if p.requires_grad and f".{name}." not in n]
     if stray:
         raise RuntimeError(f"Parameters outside adapter {name!r} would be trained: {stray[:3]}")
@@ -266,6 +341,9 @@ def load_adapter(unet: torch.nn.Module, path: str | Path, name: str | None = Non
     known = set(LoraConfig.__dataclass_fields__)
     lora = LoraConfig(**{k: v for k, v in config.items() if k in known and k not in ("peft_type", "task_type")})
     _add_adapter(unet, name, lora, replace=False)
+    for param_name, param in unet.named_parameters():  # the adapter as it was trained: fp32 (also on a half base)
+        if f".{name}." in param_name:
+            param.data = param.data.float()
     device = next(unet.parameters()).device
     result = set_peft_model_state_dict(unet, load_file(str(path), device=str(device)), adapter_name=name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])

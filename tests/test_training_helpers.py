@@ -46,14 +46,19 @@ def test_run_settings_shrink_under_grading_and_in_the_reduced_run(monkeypatch):
     monkeypatch.setenv("CD_KIT_REDUCED", "1")
     reduced = training.run_settings("small")
     assert reduced.max_steps < full.max_steps and reduced.batch_size == full.batch_size
+    assert all(reduced.phase_steps[k] < full.phase_steps[k] for k in full.phase_steps)
     monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
     graded = training.run_settings("sd15")
     assert graded.max_steps <= 2 and graded.batch_size <= 8 and graded.gradient_accumulation_steps == 1
     assert graded.num_images <= 32
+    assert all(v <= 2 for v in training.run_settings("small").phase_steps.values())
 
 
 def test_num_phase_steps():
     assert training.num_phase_steps(replace(SMALL, max_steps=7), 10) == 7
+    per_phase = replace(SMALL, max_steps=7, phase_steps={"multi_cd": 11})
+    assert training.num_phase_steps(per_phase, 10, "multi_cd") == 11
+    assert training.num_phase_steps(per_phase, 10, "ct") == 7
     one_pass = replace(SMALL, max_steps=None, batch_size=8, gradient_accumulation_steps=2, epochs=1)
     assert training.num_phase_steps(one_pass, 5000) == 312  # the original course's ~312 steps
     with pytest.raises(ValueError, match="do not fill one optimizer step"):
@@ -66,6 +71,53 @@ def test_small_settings_are_the_tuned_recipe():
     assert set(s.lora_targets) == set(training.SD15_LORA_TARGETS)
     with pytest.raises(ValueError, match="unknown model kind"):
         training.settings_for("sdxl")
+
+
+def test_profiles(monkeypatch):
+    monkeypatch.delenv(training.PROFILE_ENV_VAR, raising=False)
+    course = training.settings_for("sd15", "course")
+    assert (course.student_base, course.teacher, course.gradient_checkpointing) == ("fp32", "separate", True)
+    low = training.settings_for("sd15", "low-memory")
+    assert (low.student_base, low.teacher, low.gradient_checkpointing) == ("half", "shared", True)
+    assert (low.batch_size, low.learning_rate, low.lora_rank) == (course.batch_size, course.learning_rate, 64)
+    monkeypatch.setenv(training.PROFILE_ENV_VAR, "low-memory")
+    assert training.settings_for("small").teacher == "shared"
+    monkeypatch.setenv(training.PROFILE_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="CD_KIT_TRAIN_PROFILE"):
+        training.settings_for("small")
+    monkeypatch.delenv(training.PROFILE_ENV_VAR)
+    if not torch.cuda.is_available():
+        assert training.pick_profile() == "course"
+
+
+def test_shared_teacher_is_the_base_without_adapters():
+    pipe = tiny_pipeline()
+    unet = pipe.unet
+    low = replace(SMALL, student_base="half", teacher="shared")
+    teacher = training.make_teacher(unet, low)
+    probe = _probe(pipe)
+    base = _out(unet, probe)
+    training.start_phase(unet, "cd", low)
+    with torch.no_grad():
+        for p in training.trainable_parameters(unet):
+            p.add_(0.1)  # a trained adapter
+    assert not torch.allclose(_out(unet, probe), base)
+    assert torch.equal(teacher(*probe[:2], encoder_hidden_states=probe[2]).sample, base)
+    assert not torch.allclose(_out(unet, probe), base), "the adapter must be on again after the teacher's call"
+    assert teacher.dtype == unet.dtype and teacher.config is unet.config
+    assert not list(teacher.parameters()), "the shared teacher holds no weights of its own"
+    assert isinstance(training.make_teacher(tiny_pipeline().unet, SMALL), type(unet))  # separate: a copy
+
+
+def test_half_base_keeps_its_dtype_and_trains_fp32_lora():
+    unet = tiny_pipeline().unet.to(torch.bfloat16)  # a half-precision base the CPU can run
+    low = replace(SMALL, student_base="half", teacher="shared")
+    training.start_phase(unet, "ct", low)
+    params = training.trainable_parameters(unet)
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert any(p.dtype == torch.bfloat16 for p in unet.parameters() if not p.requires_grad)
+    training.start_phase(unet, "cd", replace(SMALL))  # the course profile: base back in fp32
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -310,3 +362,19 @@ def test_toy_unet_and_recorder():
         toy(x, 3, e)
     toy(x, 3, e)
     assert len(calls) == 1
+
+
+def test_adapter_on_a_half_base_reloads_exactly(tmp_path):
+    unet = tiny_pipeline().unet.to(torch.bfloat16)
+    low = replace(SMALL, student_base="half", teacher="shared")
+    training.start_phase(unet, "multi_cd", low)
+    with torch.no_grad():
+        for p in training.trainable_parameters(unet):
+            p.add_(torch.randn_like(p) * 1e-3)  # values that a half-precision copy would round
+    path = training.save_adapter(unet, "multi_cd", tmp_path / "a.safetensors")
+    fresh = tiny_pipeline().unet.to(torch.bfloat16)
+    training.load_adapter(fresh, path)
+    ours = dict(unet.named_parameters())
+    for n, p in fresh.named_parameters():
+        if ".multi_cd." in n:
+            assert p.dtype == torch.float32 and torch.equal(p, ours[n]), n
