@@ -157,11 +157,22 @@ SAMPLE_VARIANTS: tuple[SampleVariant, ...] = (
 ALL_VARIANTS: dict[str, TrainVariant | SampleVariant] = {v.name: v for v in (*TRAIN_VARIANTS, *SAMPLE_VARIANTS)}
 
 
-def current_kit_default() -> str:
-    """The variant that matches the kit's current SD1.5 settings (``helpers.training.settings_for('sd15')``)."""
+def current_kit_default(profile: str | None = None) -> str:
+    """The variant that matches the kit's SD1.5 settings in a training profile
+    (``helpers.training.settings_for('sd15', profile)``; default: the profile this machine would get)."""
     from helpers.training import settings_for
 
-    return "kit-original-ckpt" if settings_for("sd15").gradient_checkpointing else "kit-original"
+    s = settings_for("sd15", profile)
+    name = "kit-original" if (s.student_base, s.teacher) == ("fp32", "separate") else (
+        "kit-fp16-shared" if (s.student_base, s.teacher) == ("half", "shared") else "kit-fp16-separate")
+    return name + ("-ckpt" if s.gradient_checkpointing else "")
+
+
+def kit_defaults() -> dict[str, str]:
+    """The variant of each training profile."""
+    from helpers.training import PROFILES
+
+    return {profile: current_kit_default(profile) for profile in PROFILES}
 
 
 # --- Small utilities ----------------------------------------------------------------------------------------
@@ -324,7 +335,7 @@ def lora_settings(tiny: bool):
     """The kit's SD1.5 training settings (rank 64 on the 14 module kinds); rank 4 for the tiny model."""
     from helpers.training import settings_for
 
-    settings = settings_for("sd15")
+    settings = settings_for("sd15", "course")
     return replace(settings, lora_rank=TINY_LORA_RANK) if tiny else settings
 
 
@@ -926,14 +937,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     budget = Budget(args.time_budget_s)
     device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # autotune convolution kernels per shape
     configs = model_configs(args.tiny)
     torch.manual_seed(0)
     result: dict[str, Any] = {
         "schema": SCHEMA, **environment(device), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "settings": {"tiny": args.tiny, "batch_sizes": sorted(set(args.batch_sizes)), "iters": args.iters,
                      "warmup": args.warmup, "time_budget_s": args.time_budget_s, "sample_batch": args.sample_batch,
+                     "cudnn_benchmark": bool(args.cudnn_benchmark),
                      "lora_rank": lora_settings(args.tiny).lora_rank, "variants": args.variants,
-                     "current_kit_default": current_kit_default(),
+                     "current_kit_default": current_kit_default(), "kit_defaults": kit_defaults(),
                      "image_size": image_size(configs)},
         "cuda_only_skipped": None if device.type == "cuda" else {
             "peak_memory": "torch.cuda.max_memory_allocated needs CUDA",
@@ -986,6 +999,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs; default: torch's)")
     parser.add_argument("--sample-batch", type=int, default=16, help="images per sampling call")
     parser.add_argument("--matmul-n", type=int, default=8192, help="matrix size of the matmul-rate test")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True (cuDNN tries its convolution kernels per shape)")
     parser.add_argument("--list-variants", action="store_true", help="print the variants and exit")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in ALL_VARIANTS]
