@@ -175,6 +175,21 @@ def test_gap_closed_by_hand_and_undefined_cases():
     assert gaps["teacher_ddim4"] == 0 and gaps["teacher_ddim50"] == 1
     samplers["teacher_ddim4"]["prompt_accuracy"] = 0.9
     assert set(rr.gap_closed(samplers).values()) == {None}
+    samplers["teacher_ddim4"]["prompt_accuracy"] = 1.0  # the 4-step teacher better than the 50-step one
+    assert set(rr.gap_closed(samplers).values()) == {None}
+    assert "no accuracy gap to close" in "\n".join(rr._metrics_section(samplers))
+
+
+def test_report_says_which_students_beat_the_4_step_teacher():
+    samplers = {"teacher_ddim50": {"prompt_accuracy": 0.9, "fidelity_psnr_db": 100.0},
+                "teacher_ddim4": {"prompt_accuracy": 0.5, "fidelity_psnr_db": 20.0},
+                "cd_4": {"prompt_accuracy": 0.75, "fidelity_psnr_db": 21.5},
+                "ct_4": {"prompt_accuracy": 0.75, "fidelity_psnr_db": 12.0},
+                "multi_cd_4_pipe": {"prompt_accuracy": 0.5, "fidelity_psnr_db": 19.0}}
+    table = "\n".join(rr._metrics_section(samplers))
+    assert "| `cd_4` | 0.750 | 21.50 | 62 % | +0.250, +1.50 dB: beats it on both |" in table
+    assert "| `ct_4` | 0.750 | 12.00 | 62 % | +0.250, -8.00 dB: beats it on accuracy |" in table
+    assert "| `multi_cd_4_pipe` | 0.500 | 19.00 | 0 % | +0.000, -1.00 dB: does not beat it |" in table
 
 
 def test_select_assignments():
