@@ -105,7 +105,7 @@ def settings_for(kind: str, profile: str | None = None) -> TrainSettings:
         # Tuned for the shipped digits model on 2 CPU cores (docs/reference_run.md): guidance as the model
         # recommends (its teacher_ddim50 reference uses the same).
         s = TrainSettings(batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, lora_rank=16,
-                          max_steps=150, phase_steps={"multi_cd": 500}, guidance_scale=5.0)
+                          max_steps=150, phase_steps={"multi_cd": 400}, guidance_scale=5.0)
     else:
         raise ValueError(f"unknown model kind {kind!r}: use 'sd15', 'small' or 'custom'")
     if pick_profile(profile) == "low-memory":
