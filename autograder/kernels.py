@@ -27,7 +27,7 @@ from typing import Any
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import LocalProvisioner
 
-__all__ = ["setup_imports", "KernelForkClient", "ForkedProcess", "ForkingKernelManager", "set_fork_client"]
+__all__ = ["setup_imports", "launcher_args", "KernelForkClient", "ForkedProcess", "ForkingKernelManager", "set_fork_client"]
 
 _client: KernelForkClient | None = None
 
@@ -254,15 +254,27 @@ class ForkedProcess:
         self.send_signal(signal.SIGTERM)
 
 
+def launcher_args(cmd: list[str]) -> list[str] | None:
+    """The kernel's own arguments when ``cmd`` is ``python [-X...] -m ipykernel_launcher ARGS`` (the forms of
+    ipykernel's kernelspecs: ``ipykernel install`` writes ``-Xfrozen_modules=off`` on Python >= 3.11), else
+    None (such a kernel is started normally)."""
+    if "-m" not in cmd[1:]:
+        return None
+    m = cmd.index("-m", 1)
+    if cmd[m + 1:m + 2] != ["ipykernel_launcher"] or not all(a.startswith("-X") for a in cmd[1:m]):
+        return None
+    return cmd[m + 2:]
+
+
 class ForkedProvisioner(LocalProvisioner):
     """LocalProvisioner whose kernel process is forked by the worker's kernel fork server."""
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
-        standard = len(cmd) >= 3 and cmd[1:3] == ["-m", "ipykernel_launcher"]
+        args = launcher_args(cmd)
         pid = None
-        if standard and _client is not None:
+        if args is not None and _client is not None:
             env = dict(kwargs.get("env") or os.environ)
-            pid = _client.spawn(cmd[3:], str(kwargs.get("cwd") or os.getcwd()), env)
+            pid = _client.spawn(args, str(kwargs.get("cwd") or os.getcwd()), env)
         if pid is None:
             return await super().launch_kernel(cmd, **kwargs)
         self.process = ForkedProcess(pid)  # type: ignore[assignment]

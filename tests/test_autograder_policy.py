@@ -302,6 +302,18 @@ def test_kernel_verdict(outputs, status):
 
 # --- pre-warmed kernels ------------------------------------------------------------------------------------
 
+def test_kernelspec_forms_that_can_be_forked():
+    from autograder.kernels import launcher_args
+
+    f = ["-f", "{connection_file}"]
+    assert launcher_args(["python", "-m", "ipykernel_launcher", *f]) == f
+    # what `python -m ipykernel install` writes on Python >= 3.11 (the GPU host's kernelspec)
+    assert launcher_args(["/usr/bin/python3", "-Xfrozen_modules=off", "-m", "ipykernel_launcher", *f]) == f
+    assert launcher_args(["python", "-m", "other_kernel", *f]) is None
+    assert launcher_args(["python", "-u", "-m", "ipykernel_launcher", *f]) is None  # flags the fork cannot honour
+    assert launcher_args(["wrapper.sh", "python"]) is None
+
+
 def test_kernels_are_forked_from_the_warm_server_and_behave_like_normal_ones(toy, tmp_path):
     from nbclient import NotebookClient
 
