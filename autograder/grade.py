@@ -177,6 +177,17 @@ def _timestamp(folder: Path):
         return None
 
 
+def _keep_submission(folder: Path, copy: Path) -> None:
+    """Copy a graded submission folder to ``out/submitted/<student>/<assignment>`` (nbgrader's layout: the
+    formgrader counts submissions there). Links are copied as links; a folder that already lies there (the
+    instructor graded ``out/submitted`` itself) is left alone."""
+    folder = folder.resolve()
+    if folder.is_relative_to(copy.parent.parent.resolve()):
+        return
+    _rmtree(copy)
+    shutil.copytree(folder, copy, symlinks=True, ignore=_IGNORE)
+
+
 def merge(results: list[Result], tasks: dict[tuple[str, str], Task], out: Path, expected: dict) -> None:
     """Write every result into ``out/gradebook.db`` (nbgrader's SaveAutoGrades/AssignLatePenalties on the
     autograded notebooks; zero for notebooks that could not be graded) and ``out/autograded``."""
@@ -194,6 +205,7 @@ def merge(results: list[Result], tasks: dict[tuple[str, str], Task], out: Path, 
                 gb.update_or_create_submission(r.assignment, r.student, timestamp=ts)
             else:
                 gb.update_or_create_submission(r.assignment, r.student)
+        _keep_submission(Path(tasks[(r.student, r.assignment)].path), out / "submitted" / r.student / r.assignment)
         dest = out / "autograded" / r.student / r.assignment
         _rmtree(dest)
         dest.mkdir(parents=True)

@@ -170,6 +170,16 @@ def test_feedback_and_autograded_notebooks(graded):
     assert "invalid_notebook" in broken and "truncated" in broken
     assert (out / "autograded" / "huge_output" / "01_toy" / "toy.ipynb").stat().st_size < 5 * 2**20
     assert (out / "nbgrader_config.py").is_file() and (out / "logs" / "ref" / "01_toy.log").is_file()
+    # a copy of each submission in nbgrader's submitted/ layout: the formgrader counts submissions there
+    assert (out / "submitted" / "ref" / "01_toy" / "toy.ipynb").is_file()
+    from nbgrader.apps.api import NbGraderAPI
+    from nbgrader.coursedir import CourseDirectory
+
+    from autograder.config import course_config
+
+    api = NbGraderAPI(CourseDirectory(config=course_config(out, source_dir="source", release_dir="release")),
+                      config=course_config(out, source_dir="source", release_dir="release"))
+    assert api.get_assignment("01_toy")["num_submissions"] == len(list((out / "submitted").glob("*/01_toy"))) > 10
 
 
 def test_regrading_is_idempotent_and_keeps_manual_grades(toy, tmp_path):
@@ -200,6 +210,17 @@ def test_regrading_is_idempotent_and_keeps_manual_grades(toy, tmp_path):
     assert float(explain["score"]) == 1, "a regrade must keep the grader's manual score"
     assert [r for r in second[2] if r[0] == "ann" and r[3] == "explain"][0][6], "flagged for review"
     assert float([r for r in second[1] if r["student_id"] == "ann"][0]["score"]) == 4
+
+
+def test_grading_the_course_folders_own_submitted_folder_keeps_the_submissions(toy, tmp_path):
+    source, course, env = toy
+    out = tmp_path / "course"
+    sub = out / "submitted"  # nbgrader's own layout: the submissions already lie in the course folder
+    course.write(sub / "ann" / "01_toy", reference_case(course, "01_toy"))
+    before = (sub / "ann" / "01_toy" / "toy.ipynb").read_bytes()
+    done = grade(sub, out, source, env, 1)
+    assert done.returncode == 0, done.stderr
+    assert (sub / "ann" / "01_toy" / "toy.ipynb").read_bytes() == before
 
 
 def test_bad_arguments_give_clear_errors(toy, tmp_path):
