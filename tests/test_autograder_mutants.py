@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from autograder.testing import CourseFiles, dump, substitute
+from mutant_cases import MUTANTS, mutant_cases
 
 ROOT = Path(__file__).resolve().parents[1]
-MUTANTS = ROOT / "tests" / "mutants"
 SOLUTIONS = ROOT / "solutions"
 
 pytestmark = pytest.mark.slow
@@ -37,14 +36,7 @@ def _model_available() -> bool:
 
 def _mutants() -> list[tuple[str, str, str, str, str]]:
     """(kind, assignment, function, label, source) of every mutant."""
-    found = []
-    for path in sorted(MUTANTS.glob("a[0-9][0-9]_*.py")):
-        assignment = path.stem[1:]
-        ns = runpy.run_path(str(path))
-        for kind in ("WRONG", "CORRECT"):
-            for fn, labels in ns[kind].items():
-                found += [(kind, assignment, fn, label, src) for label, src in labels.items()]
-    return found
+    return mutant_cases()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 import textwrap
@@ -16,10 +15,10 @@ import pytest
 from autograder.policy import check_cell
 from autograder.preprocessors import kernel_verdict
 from autograder.testing import TOY_CHECKS_MODULE, strip_solution, write_toy_course
+from mutant_cases import mutant_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions"
-MUTANTS = ROOT / "tests" / "mutants"
 
 
 # --- static policy ----------------------------------------------------------------------------------------
@@ -33,11 +32,7 @@ def _course_cells() -> list[tuple[str, str]]:
 
 
 def _correct_mutants() -> list[tuple[str, str, str]]:
-    cases = []
-    for path in sorted(MUTANTS.glob("a[0-9][0-9]_*.py")):
-        for fn, labels in runpy.run_path(str(path))["CORRECT"].items():
-            cases += [(fn, label, src) for label, src in labels.items()]
-    return cases
+    return [(fn, label, src) for _, _, fn, label, src in mutant_cases(["CORRECT"])]
 
 
 @pytest.mark.parametrize("function,source", _course_cells(), ids=[f for f, _ in _course_cells()])

@@ -2,8 +2,6 @@
 differently written correct answer (``tests/mutants/a01..a03``)."""
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
 
 import pytest
 
@@ -11,18 +9,14 @@ from autograder.checks import CHECKS, hidden_check
 from autograder.reference import reference
 from helpers.answer_env import namespace
 from helpers.course import assignment
+from mutant_cases import mutant_cases
 
-MUTANTS = Path(__file__).resolve().parent / "mutants"
 ASSIGNMENTS = ("01_model_loading", "02_ddim_step", "03_ct_derivation")
 FUNCTIONS = [f for a in ASSIGNMENTS for f in assignment(a).functions]
 
 
 def _mutants(kind: str) -> list[tuple[str, str, str]]:
-    cases = []
-    for a in ASSIGNMENTS:
-        table = runpy.run_path(str(MUTANTS / f"a{a}.py"))[kind]
-        cases += [(fn, label, src) for fn, labels in table.items() for label, src in labels.items()]
-    return cases
+    return [(fn, label, src) for _, _, fn, label, src in mutant_cases([kind], ASSIGNMENTS)]
 
 
 def _answer(source: str, function: str):

@@ -2,9 +2,7 @@
 differently written correct answer (``tests/mutants/a04``, ``a05``)."""
 from __future__ import annotations
 
-import runpy
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +12,14 @@ from autograder.checks.a04_consistency_loss import FORBIDDEN_NAMES as FORBIDDEN_
 from autograder.checks.a05_multi_boundary import FORBIDDEN_NAMES as FORBIDDEN_05
 from autograder.reference import reference
 from helpers.course import assignment
+from mutant_cases import mutant_cases
 
-MUTANTS = Path(__file__).resolve().parent / "mutants"
 ASSIGNMENTS = ("04_consistency_loss", "05_multi_boundary")
 FUNCTIONS = [f for a in ASSIGNMENTS for f in assignment(a).functions]
 
 
 def _mutants(kind: str) -> list[tuple[str, str, str]]:
-    cases = []
-    for a in ASSIGNMENTS:
-        table = runpy.run_path(str(MUTANTS / f"a{a}.py"))[kind]
-        cases += [(fn, label, src) for fn, labels in table.items() for label, src in labels.items()]
-    return cases
+    return [(fn, label, src) for _, _, fn, label, src in mutant_cases([kind], ASSIGNMENTS)]
 
 
 def _answer(source: str, function: str):
