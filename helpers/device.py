@@ -5,10 +5,12 @@ fp16 on a CPU works but is 5-9x slower than fp32 (no fast half kernels), so the 
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
-__all__ = ["pick_device", "pick_dtype"]
+__all__ = ["pick_device", "pick_dtype", "cpu_name"]
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -42,3 +44,14 @@ def pick_dtype(device: str | torch.device, override: str | torch.dtype | None = 
         except KeyError:
             raise ValueError(f"Unknown dtype {override!r}: use one of {sorted(_DTYPES)}") from None
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what ``platform`` knows), for benchmark records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

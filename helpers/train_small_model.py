@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm  # noqa: E402
 
 from helpers import small_model as sm  # noqa: E402
+from helpers.device import cpu_name  # noqa: E402
 
 __all__ = ["train_vae", "encode_dataset", "train_unet", "sample_digits", "sweep_guidance", "main"]
 
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "timings_s": timings,
         "wall_time_s": timings["total_s"],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "hardware": {"machine": platform.machine(), "processor": platform.processor() or _cpu_name(),
+        "hardware": {"machine": platform.machine(), "processor": platform.processor() or cpu_name(),
                      "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
                      "dtype": "float32", "load_average_1min_at_start": round(load_start, 2),
                      "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
@@ -374,16 +375,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     size = _folder_bytes(out)
     print(f"Saved to {out} ({size / 1e6:.2f} MB) in {timings['total_s']} s total.", flush=True)
     return train_log
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _versions() -> dict[str, str]:

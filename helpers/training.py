@@ -273,15 +273,21 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
                              weight_decay=float(settings.extra.get("weight_decay", 1e-2)))
 
 
+def _adapter_in_fp32(unet: torch.nn.Module, name: str) -> None:
+    """Adapter ``name``'s LoRA weights in fp32 (peft makes them in the base layer's dtype: fp16 on a half base)."""
+    for param_name, param in unet.named_parameters():
+        if f".{name}." in param_name:
+            param.data = param.data.float()
+
+
 def start_phase(unet: torch.nn.Module, name: str, settings: TrainSettings, replace: bool = False
                 ) -> torch.optim.Optimizer:
     """Prepare ``unet`` (:func:`prepare_unet_for_phase`), add the phase's new adapter ``name`` and return a
     new optimizer over its weights."""
     prepare_unet_for_phase(unet, settings)
     add_phase_adapter(unet, name, settings, replace=replace)
+    _adapter_in_fp32(unet, name)
     params = trainable_parameters(unet)
-    for p in params:  # the LoRA weights train in fp32 also on a half-precision base
-        p.data = p.data.float()
     stray = [n for n, p in unet.named_parameters() if p.requires_grad and f".{name}." not in n]
     if stray:
         raise RuntimeError(f"Parameters outside adapter {name!r} would be trained: {stray[:3]}")
@@ -341,9 +347,7 @@ def load_adapter(unet: torch.nn.Module, path: str | Path, name: str | None = Non
     known = set(LoraConfig.__dataclass_fields__)
     lora = LoraConfig(**{k: v for k, v in config.items() if k in known and k not in ("peft_type", "task_type")})
     _add_adapter(unet, name, lora, replace=False)
-    for param_name, param in unet.named_parameters():  # the adapter as it was trained: fp32 (also on a half base)
-        if f".{name}." in param_name:
-            param.data = param.data.float()
+    _adapter_in_fp32(unet, name)  # as it was trained
     device = next(unet.parameters()).device
     result = set_peft_model_state_dict(unet, load_file(str(path), device=str(device)), adapter_name=name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])

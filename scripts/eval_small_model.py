@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from helpers import metrics  # noqa: E402
 from helpers import small_model as sm  # noqa: E402
+from helpers.device import cpu_name  # noqa: E402
 
 
 def load_pipeline(folder: Path):
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "generate_4_images_50_steps_seconds_median": round(statistics.median(gen_times), 3),
         "generate_4_images_50_steps_seconds_all": [round(t, 3) for t in gen_times],
         "folder_size_mb": round(size_mb, 2),
-        "hardware": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "hardware": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
         "software": {"python": platform.python_version(), "torch": torch.__version__},
     }
@@ -223,16 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
                ("4 steps", imgs4[cols[:10]]), ("4 steps", imgs4[cols[10:]])], Path(args.grid), titles)
     print(f"Wrote {out} and {args.grid}")
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
