@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["SD15_LORA_TARGETS", "PROFILES", "PROFILE_ENV_VAR", "TrainSettings", "settings_for", "pick_profile",
-           "SharedBaseTeacher", "make_teacher", "lora_config", "run_settings", "num_phase_steps",
+           "SharedBaseTeacher", "make_teacher", "load_trained_unet", "lora_config", "run_settings", "num_phase_steps",
            "frozen_copy", "prepare_unet_for_phase", "adapter_names", "add_phase_adapter", "use_adapter",
            "adapters_disabled", "trainable_parameters", "make_optimizer", "start_phase", "save_adapter",
            "load_adapter", "ADAPTER_FORMAT"]
@@ -356,3 +356,26 @@ def load_adapter(unet: torch.nn.Module, path: str | Path, name: str | None = Non
         raise ValueError(f"{path} does not fit this UNet: {len(unexpected)} tensors have no place, e.g. {unexpected[:3]}")
     use_adapter(unet, name)
     return name
+
+
+def load_trained_unet(source: str | Path, adapter_path: str | Path, device: str | torch.device,
+                      dtype: torch.dtype, load_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Rebuild a trained student from its base model folder (or Hub id) and a file of :func:`save_adapter`.
+
+    The base UNet is loaded the way :func:`helpers.models.load_course_pipeline` loads it (``load_dtype``,
+    default fp16 on CUDA and fp32 on the CPU), then cast to ``dtype``, the student's dtype in training; then
+    the adapter is loaded (fp32) and made active. Returns the UNet in eval mode on ``device``.
+
+    Why the detour: on a GPU the course profile trains an fp32 student whose base weights came through the
+    pipeline's fp16 load. A base loaded straight in fp32 from the files keeps digits that the trained
+    student never had, and its outputs differ by up to about 1e-3.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from helpers.device import pick_dtype
+
+    dev = torch.device(device)
+    unet = UNet2DConditionModel.from_pretrained(str(source), subfolder="unet", dtype=load_dtype or pick_dtype(dev))
+    unet = unet.to(dev, dtype)
+    load_adapter(unet, adapter_path)
+    return unet.eval()

@@ -378,3 +378,31 @@ def test_adapter_on_a_half_base_reloads_exactly(tmp_path):
     for n, p in fresh.named_parameters():
         if ".multi_cd." in n:
             assert p.dtype == torch.float32 and torch.equal(p, ours[n]), n
+
+
+def test_student_trained_on_a_half_loaded_base_rebuilds_exactly(tmp_path):
+    """The GPU course profile: the pipeline loads the base in fp16, the student trains in fp32 on that base.
+    load_trained_unet rebuilds it the same way; a base loaded straight in fp32 does not match it."""
+    from diffusers import UNet2DConditionModel
+
+    from helpers.small_model import SMALL_MODEL_DIR
+
+    unet = UNet2DConditionModel.from_pretrained(SMALL_MODEL_DIR, subfolder="unet", dtype=torch.float16)
+    training.start_phase(unet, "multi_cd", SMALL)
+    assert unet.dtype == torch.float32
+    with torch.no_grad():
+        for p in training.trainable_parameters(unet):
+            p.add_(torch.randn_like(p) * 1e-2)
+    path = training.save_adapter(unet, "multi_cd", tmp_path / "multi_cd.safetensors")
+    unet.eval()
+    g = torch.Generator().manual_seed(0)
+    probe = (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999, 259]), torch.randn(2, 77, 64, generator=g))
+
+    rebuilt = training.load_trained_unet(SMALL_MODEL_DIR, path, "cpu", torch.float32, load_dtype=torch.float16)
+    assert rebuilt.dtype == torch.float32 and not rebuilt.training
+    assert torch.equal(_out(rebuilt, probe), _out(unet, probe))
+
+    naive = UNet2DConditionModel.from_pretrained(SMALL_MODEL_DIR, subfolder="unet", dtype=torch.float32)
+    training.load_adapter(naive, path)
+    naive.eval()
+    assert (_out(naive, probe) - _out(unet, probe)).abs().max() > 1e-6, "fp32 base differs from the fp16-loaded one"
