@@ -375,7 +375,7 @@ def load_trained_unet(source: str | Path, adapter_path: str | Path, device: str 
     from helpers.device import pick_dtype
 
     dev = torch.device(device)
-    unet = UNet2DConditionModel.from_pretrained(str(source), subfolder="unet", dtype=load_dtype or pick_dtype(dev))
+    unet = UNet2DConditionModel.from_pretrained(str(source), subfolder="unet", dtype=pick_dtype(dev, load_dtype))
     unet = unet.to(dev, dtype)
     load_adapter(unet, adapter_path)
     return unet.eval()
