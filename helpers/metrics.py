@@ -124,7 +124,12 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     theta[:, 1, 1] = scale
     theta[:, :, 2] = (torch.rand(b, 2, generator=g) - 0.5) * 2 * (3 / 16)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    return _photometric(F.grid_sample(x, grid, align_corners=False, padding_mode="zeros"), g)
+
+
+def _photometric(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The non-geometric part of :func:`_augment`: occasional 3×3 blur, contrast/brightness jitter, noise."""
+    b = x.shape[0]
     blur = torch.rand(b, 1, 1, 1, generator=g) < 0.3
     x = torch.where(blur, F.avg_pool2d(x, 3, 1, 1), x)
     x = x * (0.7 + 0.5 * torch.rand(b, 1, 1, 1, generator=g)) + 0.1 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)

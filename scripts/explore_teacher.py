@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,19 +25,37 @@ from helpers import metrics
 from helpers import small_model as sm
 from helpers import train_small_model as tsm
 
-VARIANTS = {
-    # name: (min size px, max size px, max rotation deg, copies[, background, ink contrast range, latent std])
-    "base": None,
-    "bg12-20rot": (12, 20, 25, 8, "smooth", (0.5, 1.0), 1.0),
-    "bg10-16": (10, 16, 0, 8, "smooth", (0.5, 1.0), 1.0),
-    "bgfaint12-20rot": (12, 20, 25, 8, "smooth", (0.25, 0.6), 1.0),
-    "grain12-20rot": (12, 20, 25, 8, "grain", (0.5, 1.0), 1.0),
-    "place12-20rot-ls05": (12, 20, 25, 8, "none", (1.0, 1.0), 0.5),
-    "place20": (20, 20, 0, 8),
-    "place16": (16, 16, 0, 8),
-    "place12": (12, 12, 0, 8),
-    "place12-20rot": (12, 20, 25, 8),
-    "place10-16": (10, 16, 0, 8),
+@dataclass(frozen=True)
+class Variant:
+    """A digit variant: each digit drawn ``smin``-``smax`` px tall, rotated by up to ±``rot`` degrees, at a
+    random place; ``copies`` draws per real digit; ``bg`` the background (see :func:`compose`), ``ink`` the
+    range of the ink's contrast; ``latent_std`` the std the VAE's scaling factor gives the latents."""
+
+    smin: int
+    smax: int
+    rot: float
+    copies: int = 8
+    bg: str = "none"
+    ink: tuple[float, float] = (1.0, 1.0)
+    latent_std: float = 1.0
+
+    def draw(self, x01: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Grey digits (B, 1, 32, 32) in [0, 1] -> this variant's RGB images in [0, 1]."""
+        return compose(place(x01, g, self.smin, self.smax, self.rot), g, self.bg, self.ink)
+
+
+VARIANTS: dict[str, Variant | None] = {
+    "base": None,  # the shipped recipe's data
+    "bg12-20rot": Variant(12, 20, 25, bg="smooth", ink=(0.5, 1.0)),
+    "bg10-16": Variant(10, 16, 0, bg="smooth", ink=(0.5, 1.0)),
+    "bgfaint12-20rot": Variant(12, 20, 25, bg="smooth", ink=(0.25, 0.6)),
+    "grain12-20rot": Variant(12, 20, 25, bg="grain", ink=(0.5, 1.0)),
+    "place12-20rot-ls05": Variant(12, 20, 25, latent_std=0.5),
+    "place20": Variant(20, 20, 0),
+    "place16": Variant(16, 16, 0),
+    "place12": Variant(12, 12, 0),
+    "place12-20rot": Variant(12, 20, 25),
+    "place10-16": Variant(10, 16, 0),
 }
 
 
@@ -59,17 +78,15 @@ def place(x01: torch.Tensor, g: torch.Generator, smin: int, smax: int, rot_deg: 
 
 
 def variant_data(name: str, seed: int = 0):
+    """The data set of variant ``name``: images (N, 3, 32, 32) in [-1, 1], labels, and the :class:`Variant`."""
     x, y = sm.load_digits_dataset()
     spec = VARIANTS[name]
     if spec is None:
         return x, y, spec
-    smin, smax, rot, copies = spec[:4]
-    bg, ink = (spec[4], spec[5]) if len(spec) > 4 else ("none", (1.0, 1.0))
     g = torch.Generator().manual_seed(seed)
     x01 = (x[:, :1] + 1) / 2
-    xs = torch.cat([compose(place(x01, g, smin, smax, rot), g, bg, ink) for _ in range(copies)])
-    ys = y.repeat(copies)
-    return xs * 2 - 1, ys, spec
+    xs = torch.cat([spec.draw(x01, g) for _ in range(spec.copies)])
+    return xs * 2 - 1, y.repeat(spec.copies), spec
 
 
 def compose(m: torch.Tensor, g: torch.Generator, bg: str, ink) -> torch.Tensor:
@@ -98,10 +115,7 @@ def train_variant_classifier(spec, device, seed=0, epochs=40):
     g = torch.Generator().manual_seed(seed)
     x_tr, y_tr, x_te, y_te = metrics.digit_split(seed=0)
     if spec is not None:
-        smin, smax, rot = spec[:3]
-        bg, ink = (spec[4], spec[5]) if len(spec) > 4 else ("none", (1.0, 1.0))
-        gt = torch.Generator().manual_seed(99)
-        x_te = compose(place(x_te, gt, smin, smax, rot), gt, bg, ink)
+        x_te = spec.draw(x_te, torch.Generator().manual_seed(99))
     model = metrics.DigitClassifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     bs = 64
@@ -112,10 +126,11 @@ def train_variant_classifier(spec, device, seed=0, epochs=40):
         perm = torch.randperm(len(y_tr), generator=g)
         for i in range(0, len(perm), bs):
             j = perm[i:i + bs]
-            xb = x_tr[j]
-            if spec is not None:
-                xb = compose(place(xb, g, spec[0], spec[1], spec[2]), g, bg, ink).mean(dim=1, keepdim=True)
-            xb = metrics._stretch(metrics._augment(xb, g)) if spec is None else metrics._stretch(_jitter(xb, g))
+            if spec is None:
+                xb = metrics._augment(x_tr[j], g)
+            else:  # the variant already moves the digits: only the photometric part of the kit's augmentation
+                xb = metrics._photometric(spec.draw(x_tr[j], g).mean(dim=1, keepdim=True), g)
+            xb = metrics._stretch(xb)
             loss = F.cross_entropy(model(xb.to(device)), y_tr[j].to(device), label_smoothing=0.05)
             opt.zero_grad()
             loss.backward()
@@ -123,15 +138,6 @@ def train_variant_classifier(spec, device, seed=0, epochs=40):
             sched.step()
     model = model.cpu().eval()
     return model, metrics.prompt_accuracy(x_te, y_te, classifier=model)
-
-
-def _jitter(x, g):
-    b = x.shape[0]
-    blur = torch.rand(b, 1, 1, 1, generator=g) < 0.3
-    x = torch.where(blur, F.avg_pool2d(x, 3, 1, 1), x)
-    x = x * (0.7 + 0.5 * torch.rand(b, 1, 1, 1, generator=g)) + 0.1 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
-    x = x + 0.05 * torch.rand(b, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
-    return x.clamp(0, 1)
 
 
 def main():
@@ -149,7 +155,7 @@ def main():
     dev = a.device
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"variant": a.variant, "spec": VARIANTS[a.variant], "args": vars(a)}
+    res = {"variant": a.variant, "spec": VARIANTS[a.variant] and asdict(VARIANTS[a.variant]), "args": vars(a)}
     t0 = time.time()
     images, labels, spec = variant_data(a.variant)
     clf, clf_acc = train_variant_classifier(spec, dev)
@@ -164,7 +170,7 @@ def main():
     res["vae_psnr"] = metrics.psnr_db((rec.clamp(-1, 1) + 1) / 2, (images + 1) / 2)
     res["real_acc_vae_rec"] = metrics.prompt_accuracy((rec.clamp(-1, 1) + 1) / 2, labels, classifier=clf)
     sampled = lm + ls * torch.randn(lm.shape, generator=torch.Generator(device=lm.device).manual_seed(0), device=lm.device)
-    sf = (spec[6] if spec is not None and len(spec) > 6 else 1.0) / float(sampled.std())
+    sf = (spec.latent_std if spec is not None else 1.0) / float(sampled.std())
     vae.register_to_config(scaling_factor=sf)
     print(a.variant, "vae", res["vae_psnr"], res["real_acc_vae_rec"], flush=True)
     t1 = time.time()
