@@ -1,0 +1,176 @@
+"""Every setting of the kit in one place.
+
+The kit's knobs arrive as environment variables (a notebook kernel, a reference-run kernel and a grading
+process get their settings no other way). :meth:`KitConfig.from_environ` reads them **once, at the edge**:
+the first cell of each notebook, the ``main()`` of each command-line tool, the grading worker and the hidden
+batteries' entry points. Everything below the edge takes a :class:`KitConfig` (or one of its fields) as an
+argument. No other module reads ``os.environ`` for a kit setting (``tests/test_structure.py`` checks it), and
+``docs/configuration.md`` is generated from the fields below (``python -m helpers.config --markdown``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["KitConfig", "KIT_ROOT", "setting_fields", "markdown_table"]
+
+KIT_ROOT = Path(__file__).resolve().parents[1]
+
+#: nbgrader's own variable: 'autograde' or 'validate' while nbgrader executes a notebook.
+_EXECUTION_VALUES = ("", "autograde", "validate")
+
+
+def _setting(env: str, default: Any, help: str, kind: str = "str") -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "kind": kind})
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """The kit's settings. Build it with :meth:`from_environ` at an entry point, or directly in tests."""
+
+    model: str = _setting("CD_KIT_MODEL", "small",
+                          "The teacher: `small` (the shipped digits model), `sd15` (Stable Diffusion 1.5, "
+                          "`stable-diffusion-v1-5/stable-diffusion-v1-5`), or a Hub id / local folder holding a "
+                          "diffusers `StableDiffusionPipeline`.")
+    device: str | None = _setting("CD_KIT_DEVICE", None,
+                                  "Force a torch device (`cpu`, `cuda`, `cuda:1`); unset: CUDA when available, "
+                                  "else the CPU.")
+    train_profile: str | None = _setting("CD_KIT_TRAIN_PROFILE", None,
+                                         "Training profile on a GPU: `course` or `low-memory`; unset: "
+                                         "`low-memory` on GPUs under 20 GiB, else `course`.")
+    data: str | None = _setting("CD_KIT_DATA", None,
+                                "Image-caption folder for training on SD1.5 or a custom model (`docs/data.md`); "
+                                "unset for the small model, which generates its own digits.")
+    out: str | None = _setting("CD_KIT_OUT", None,
+                               "Folder the notebooks write metrics, figures and adapters to; unset: "
+                               "`out/interactive` under the kit root. The reference run sets it.")
+    reduced: bool = _setting("CD_KIT_REDUCED", False,
+                             "`1`: the reference run's short mode (smaller trainings and evaluations), used by "
+                             "CI.", "bool")
+    execution: str = _setting("NBGRADER_EXECUTION", "",
+                              "Set by nbgrader while it runs a notebook (`autograde` or `validate`): heavy cells "
+                              "shrink. Never set it by hand.")
+    solutions: str | None = _setting("CD_KIT_SOLUTIONS", None,
+                                     "The solution notebooks' folder used under autograde (earlier assignments' "
+                                     "functions); unset: `solutions/` of the kit. The grading worker sets it.")
+    check_seed: int | None = _setting("CD_KIT_CHECK_SEED", None,
+                                      "Seed of the hidden batteries' random inputs; the grader fixes it "
+                                      "(20241125) so that every run agrees; set it to replay a failure message's "
+                                      "seed. Unset: a fresh seed per check.", "int")
+    hub_repo: str | None = _setting("CD_KIT_HUB_REPO", None,
+                                    "Hub repository notebook 05 pushes the trained adapter to (with `HF_TOKEN`); "
+                                    "unset: nothing is pushed.")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> KitConfig:
+        """The settings from ``environ`` (default ``os.environ``), then ``overrides`` (field names).
+        Empty variables count as unset. Bad values raise a ``ValueError`` that names the variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = (env.get(f.metadata["env"]) or "").strip()
+            if not raw:
+                continue
+            values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.execution not in _EXECUTION_VALUES:
+            raise ValueError(f"NBGRADER_EXECUTION={self.execution!r} is not one of {_EXECUTION_VALUES[1:]}; "
+                             "nbgrader sets it, unset it by hand")
+
+    def replace(self, **changes: Any) -> KitConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_environ(self) -> dict[str, str]:
+        """The environment variables that carry these settings to a child process (unset fields left out)."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or value == "" or value is False:
+                continue
+            out[f.metadata["env"]] = "1" if value is True else str(value)
+        return out
+
+    # ------------------------------------------------------------------ run mode
+    @property
+    def grading(self) -> bool:
+        """True while nbgrader executes the notebook (autograde or validate)."""
+        return bool(self.execution)
+
+    @property
+    def autograding(self) -> bool:
+        """True while nbgrader autogrades (the instructor's side)."""
+        return self.execution == "autograde"
+
+    def pick(self, full: Any, *, reduced_value: Any = None, grading_value: Any = None) -> Any:
+        """A size for a heavy cell: ``grading_value`` under nbgrader, ``reduced_value`` in the short reference
+        run, else ``full``. A value left ``None`` falls back to the next larger one that is set."""
+        if self.grading:
+            return grading_value if grading_value is not None else (
+                reduced_value if reduced_value is not None else full)
+        if self.reduced:
+            return reduced_value if reduced_value is not None else full
+        return full
+
+    @property
+    def mode(self) -> str:
+        """``autograde``, ``validate``, ``reference run (reduced)`` or ``interactive``."""
+        return self.execution or ("reference run (reduced)" if self.reduced else "interactive")
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def out_path(self) -> Path:
+        """Where this run writes (not created here)."""
+        return Path(self.out) if self.out else KIT_ROOT / "out" / "interactive"
+
+    @property
+    def solutions_path(self) -> Path:
+        """The solution notebooks' folder."""
+        return Path(self.solutions) if self.solutions else KIT_ROOT / "solutions"
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind, env = f.metadata["kind"], f.metadata["env"]
+    if kind == "bool":
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        raise ValueError(f"{env}={raw!r}: use 1 or 0")
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{env}={raw!r} is not an integer") from None
+    return raw
+
+
+def setting_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`KitConfig`, in declaration order."""
+    return list(dataclasses.fields(KitConfig))
+
+
+def markdown_table() -> str:
+    """The table of ``docs/configuration.md``: variable, field, default, meaning."""
+    rows = ["| environment variable | `KitConfig` field | default | meaning |", "|---|---|---|---|"]
+    for f in setting_fields():
+        default = "unset" if f.default in (None, "") else f"`{f.default}`"
+        rows.append(f"| `{f.metadata['env']}` | `{f.name}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table(), end="")
+    else:
+        print(KitConfig.from_environ())
