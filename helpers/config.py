@@ -5,7 +5,7 @@ process get their settings no other way). :meth:`KitConfig.from_environ` reads t
 the first cell of each notebook, the ``main()`` of each command-line tool, the grading worker and the hidden
 batteries' entry points. Everything below the edge takes a :class:`KitConfig` (or one of its fields) as an
 argument. No other module reads ``os.environ`` for a kit setting (``tests/test_structure.py`` checks it), and
-``docs/configuration.md`` is generated from the fields below (``python -m helpers.config --markdown``).
+``docs/configuration.md``'s table is generated from the fields below (``python -m helpers.config --update-docs``).
 """
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KitConfig", "KIT_ROOT", "setting_fields", "markdown_table"]
+__all__ = ["KitConfig", "KIT_ROOT", "setting_fields", "markdown_table", "update_docs"]
 
 KIT_ROOT = Path(__file__).resolve().parents[1]
+DOCS_FILE = KIT_ROOT / "docs" / "configuration.md"
+#: The generated table of ``docs/configuration.md`` sits between these lines.
+TABLE_BEGIN = "<!-- BEGIN GENERATED TABLE: python -m helpers.config --update-docs -->"
+TABLE_END = "<!-- END GENERATED TABLE -->"
 
 #: nbgrader's own variable: 'autograde' or 'validate' while nbgrader executes a notebook.
 _EXECUTION_VALUES = ("", "autograde", "validate")
@@ -46,7 +50,7 @@ class KitConfig:
                                 "Image-caption folder for training on SD1.5 or a custom model (`docs/data.md`); "
                                 "unset for the small model, which generates its own digits.")
     out: str | None = _setting("CD_KIT_OUT", None,
-                               "Folder the notebooks write metrics, figures and adapters to; unset: "
+                               "Folder the notebooks write metrics, figures, caches and adapters to; unset: "
                                "`out/interactive` under the kit root. The reference run sets it.")
     reduced: bool = _setting("CD_KIT_REDUCED", False,
                              "`1`: the reference run's short mode (smaller trainings and evaluations), used by "
@@ -84,6 +88,15 @@ class KitConfig:
         if self.execution not in _EXECUTION_VALUES:
             raise ValueError(f"NBGRADER_EXECUTION={self.execution!r} is not one of {_EXECUTION_VALUES[1:]}; "
                              "nbgrader sets it, unset it by hand")
+
+    @classmethod
+    def env_var(cls, name: str) -> str:
+        """The environment variable of field ``name``, e.g. ``KitConfig.env_var("model") == "CD_KIT_MODEL"``
+        (for messages that tell the user what to set)."""
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.metadata["env"]
+        raise KeyError(f"KitConfig has no field {name!r}")
 
     def replace(self, **changes: Any) -> KitConfig:
         """A copy with some fields changed."""
@@ -162,9 +175,27 @@ def markdown_table() -> str:
     """The table of ``docs/configuration.md``: variable, field, default, meaning."""
     rows = ["| environment variable | `KitConfig` field | default | meaning |", "|---|---|---|---|"]
     for f in setting_fields():
-        default = "unset" if f.default in (None, "") else f"`{f.default}`"
+        default = "unset" if f.default in (None, "", False) else f"`{f.default}`"
         rows.append(f"| `{f.metadata['env']}` | `{f.name}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows) + "\n"
+
+
+def generated_table(text: str) -> str:
+    """The part of ``docs/configuration.md``'s ``text`` between :data:`TABLE_BEGIN` and :data:`TABLE_END`."""
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise ValueError(f"{DOCS_FILE} lacks the lines {TABLE_BEGIN!r} and {TABLE_END!r} around its table")
+    return text.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0].strip("\n") + "\n"
+
+
+def update_docs(path: Path = DOCS_FILE) -> bool:
+    """Rewrite the generated table of ``docs/configuration.md`` from the fields; True if it changed."""
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    new = f"{head}{TABLE_BEGIN}\n{markdown_table()}{TABLE_END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
 
 
 if __name__ == "__main__":
@@ -172,5 +203,7 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["--markdown"]:
         print(markdown_table(), end="")
+    elif sys.argv[1:] == ["--update-docs"]:
+        print(f"{DOCS_FILE}: {'updated' if update_docs() else 'up to date'}")
     else:
         print(KitConfig.from_environ())
