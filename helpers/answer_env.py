@@ -13,16 +13,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm as _auto_tqdm
 
-from helpers import runmode
+from helpers.config import KitConfig
 from helpers.schedule import alpha_sigma, gather, timesteps_like
 
 
 class tqdm(_auto_tqdm):  # noqa: N801 - tqdm's own name
     """``tqdm.auto.tqdm``; while nbgrader runs the notebook a text progress bar goes to stdout, since nbgrader
-    fails a test cell that writes to stderr (on a host without ipywidgets tqdm.auto falls back to text)."""
+    fails a test cell that writes to stderr (on a host without ipywidgets tqdm.auto falls back to text).
+
+    An edge of the settings (as the hidden batteries): answer cells call it with no config, in a kernel or the
+    grader's re-check whose only input is the environment, so it reads ``NBGRADER_EXECUTION`` through
+    :meth:`KitConfig.from_environ` when a bar is made (never at import: the grader's fork server imports this
+    module before a kernel's environment is set)."""
 
     def __init__(self, *args, **kwargs):
-        if runmode.grading():
+        if KitConfig.from_environ().grading:
             kwargs.setdefault("file", sys.stdout)
         super().__init__(*args, **kwargs)
 

@@ -11,23 +11,24 @@ script (whose default caption column is ``text``)::
 
 The old course trained on 5,000 COCO train2014 image-caption pairs at 512x512; ``scripts/make_coco_subset.py``
 builds that folder from a COCO download (nothing here downloads anything). The folder to use comes from the
-argument or the environment variable ``CD_KIT_DATA``. The kit's small model needs none of this: its digits
-ship with scikit-learn.
+argument (the notebooks pass ``config.data``, the setting of the environment variable ``CD_KIT_DATA``). The
+kit's small model needs none of this: its digits ship with scikit-learn.
 """
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from helpers.config import KitConfig
+
 __all__ = ["DATA_ENV_VAR", "DEFAULT_CSV", "CAPTION_COLUMN", "ImageCaptionFolder", "center_crop_resize",
            "read_captions", "data_folder", "load_image_caption_folder"]
 
-DATA_ENV_VAR = "CD_KIT_DATA"
+DATA_ENV_VAR = KitConfig.env_var("data")
 DEFAULT_CSV = "metadata.csv"
 FILE_COLUMN = "file_name"
 CAPTION_COLUMN = "text"
@@ -91,11 +92,11 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
 
 
 def data_folder(folder: str | Path | None = None) -> Path:
-    """The image-caption folder: ``folder``, else ``$CD_KIT_DATA``; a clear error when neither is set."""
-    chosen = folder or os.environ.get(DATA_ENV_VAR)
+    """The image-caption folder ``folder`` (e.g. ``config.data``); a clear error when it is not set."""
+    chosen = folder
     if not chosen:
         raise FileNotFoundError(f"No training data folder given: pass one, or set {DATA_ENV_VAR}=/path/to/folder "
-                                f"({HOW_TO})")
+                                f"(the notebooks pass config.data) ({HOW_TO})")
     return Path(chosen).expanduser()
 
 
@@ -115,7 +116,7 @@ def load_image_caption_folder(folder: str | Path | None = None, csv_name: str = 
                               limit: int | None = None, caption_column: str = CAPTION_COLUMN) -> ImageCaptionFolder:
     """Check an image-caption folder and return it as a dataset (see :class:`ImageCaptionFolder`).
 
-    ``folder`` (default ``$CD_KIT_DATA``) holds the images and ``csv_name`` (columns ``file_name`` and
+    ``folder`` (e.g. ``config.data``) holds the images and ``csv_name`` (columns ``file_name`` and
     ``caption_column``); each image is centre-cropped to a square and resized to ``size``; ``limit`` keeps
     the first rows only. Raises, with what to do: a missing folder or CSV, bad CSV columns or rows, listed
     images that do not exist, files that are not images.

@@ -7,7 +7,7 @@ here, as the original course did. The pairs come from
 * the kit's small model: scikit-learn's digits (:func:`helpers.small_model.load_digits_dataset`), each
   image captioned with a prompt template drawn with a fixed seed (:func:`helpers.small_model.digit_prompt`);
 * SD1.5 (or another Hub / folder model): an image folder with a captions CSV
-  (:func:`helpers.captions_data.load_image_caption_folder`, folder from ``$CD_KIT_DATA``).
+  (:func:`helpers.captions_data.load_image_caption_folder`, folder from ``config.data``, i.e. ``$CD_KIT_DATA``).
 
 The same :func:`encode_pairs` serves both. Encoded sets are cached in memory and, except under nbgrader,
 on disk under ``<output folder>/cache/`` (keyed by the model's files, the image count, size and seed), so
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import runmode
+from helpers.config import KitConfig
 
 __all__ = ["digit_pairs", "caption_pairs", "encode_pairs", "training_dataset", "training_dataloader",
            "model_fingerprint", "data_source"]
@@ -51,7 +51,7 @@ def digit_pairs(num_images: int | None = None, seed: int = 0, size: int | None =
 
 
 def caption_pairs(num_images: int | None, size: int, folder: str | Path | None = None):
-    """The image-caption folder of SD1.5 training (``$CD_KIT_DATA``) as a dataset of
+    """The image-caption folder of SD1.5 training (``folder``, e.g. ``config.data``) as a dataset of
     ``{"pixel_values", "caption"}`` items, first ``num_images`` rows."""
     from helpers.captions_data import load_image_caption_folder
 
@@ -115,29 +115,28 @@ def model_fingerprint(source: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def data_source(kind: str) -> str:
-    """``"digits"`` for the small model (and for other models when no ``$CD_KIT_DATA`` folder is set and the
-    model is not SD1.5), ``"captions"`` otherwise."""
-    from helpers.captions_data import DATA_ENV_VAR
-
-    if kind == "small" or (kind == "custom" and not os.environ.get(DATA_ENV_VAR)):
+def data_source(kind: str, data: str | None = None) -> str:
+    """``"digits"`` for the small model (and for other models when no data folder ``data``, i.e.
+    ``config.data``, is set and the model is not SD1.5), ``"captions"`` otherwise."""
+    if kind == "small" or (kind == "custom" and not data):
         return "digits"
     return "captions"
 
 
-def training_dataset(pipe, spec, settings, seed: int = 0, cache: bool = True) -> TensorDataset:
+def training_dataset(pipe, spec, settings, config: KitConfig, seed: int = 0, cache: bool = True) -> TensorDataset:
     """The encoded training set ``(latents, prompt_embeds)`` of the model ``spec`` (a
-    :class:`helpers.models.ModelSpec`) with ``settings.num_images`` pairs, from the cache when possible."""
+    :class:`helpers.models.ModelSpec`) with ``settings.num_images`` pairs, from the cache when possible.
+    ``config`` gives the data folder (``config.data``), the cache's folder and whether nbgrader runs."""
     from helpers.report import out_dir
 
-    source = data_source(spec.kind)
+    source = data_source(spec.kind, config.data)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     key_text = json.dumps([model_fingerprint(spec.source), source, settings.num_images, size, seed,
-                           os.environ.get("CD_KIT_DATA", "")])
+                           config.data or ""])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     if cache and key in _MEMORY:
         return _MEMORY[key]
-    path = out_dir() / "cache" / f"train-{key}.pt" if cache and not runmode.grading() else None
+    path = out_dir(config) / "cache" / f"train-{key}.pt" if cache and not config.grading else None
     if path is not None and path.exists():
         latents, embeds = torch.load(path, map_location="cpu", weights_only=True)
         dataset = TensorDataset(latents, embeds)
@@ -146,7 +145,7 @@ def training_dataset(pipe, spec, settings, seed: int = 0, cache: bool = True) ->
             images, captions, _ = digit_pairs(settings.num_images, seed=seed, size=size)
             pairs: tuple | Iterable = (images, captions)
         else:
-            pairs = caption_pairs(settings.num_images, size)
+            pairs = caption_pairs(settings.num_images, size, config.data)
         store = torch.float16 if pipe.vae.dtype == torch.float16 else torch.float32
         large = size > 128  # SD1.5's 512x512: smaller VAE batches, images read by worker processes
         dataset = encode_pairs(pipe, pairs, batch_size=8 if large else 64, seed=seed, store_dtype=store,

@@ -4,7 +4,6 @@ fp16 on a CPU works but is 5-9x slower than fp32 (no fast half kernels), so the 
 """
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
@@ -17,12 +16,10 @@ _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat
 
 
 def pick_device(override: str | torch.device | None = None) -> torch.device:
-    """Return the device the course runs on.
-
-    Order: the explicit ``override`` argument, then the ``CD_KIT_DEVICE`` environment variable,
-    then CUDA when available, else the CPU.
+    """Return the device the course runs on: ``override`` when given (e.g. ``config.device``, the
+    ``CD_KIT_DEVICE`` setting), else CUDA when available, else the CPU.
     """
-    choice = override if override is not None else os.environ.get("CD_KIT_DEVICE") or None
+    choice = override or None
     if choice is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(choice)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helpers import runmode
+from helpers.config import KitConfig
 
 __all__ = ["EvalSet", "EvalResult", "Sampler", "make_eval_set", "default_batch_size", "pipeline_sampler", "function_sampler",
            "generate", "evaluate", "teacher_reference", "results_table", "show_results"]
@@ -133,11 +133,12 @@ def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None)
     return images, seconds
 
 
-def evaluate(name: str, sampler: Sampler, eval_set: EvalSet, reference: torch.Tensor | None,
+def evaluate(name: str, sampler: Sampler, eval_set: EvalSet, reference: torch.Tensor | None, config: KitConfig,
              batch_size: int | None = None, record: bool = True, **extra) -> EvalResult:
     """Generate the evaluation set with ``sampler`` and measure it; ``reference``: the teacher's 50-step
     images (None: fidelity is measured against the images themselves, i.e. this *is* the reference).
-    Records the numbers (and ``extra`` fields, e.g. ``steps=4``) under ``name`` unless ``record=False``."""
+    Records the numbers (and ``extra`` fields, e.g. ``steps=4``) under ``name`` in the output folder of
+    ``config`` (:mod:`helpers.report`) unless ``record=False``."""
     from helpers.metrics import prompt_accuracy, psnr_db
     from helpers.report import record_sampler, record_timing
 
@@ -146,16 +147,17 @@ def evaluate(name: str, sampler: Sampler, eval_set: EvalSet, reference: torch.Te
     fidelity = psnr_db(images, images if reference is None else reference)
     result = EvalResult(name, images, accuracy, fidelity, seconds, dict(extra))
     if record:
-        record_sampler(name, accuracy, fidelity, seconds=round(seconds, 3), images=len(eval_set), **extra)
-        record_timing(f"sample_{name}", seconds)
+        record_sampler(name, accuracy, fidelity, config, seconds=round(seconds, 3), images=len(eval_set), **extra)
+        record_timing(f"sample_{name}", seconds, config)
     return result
 
 
-def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key: str,
+def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key: str, config: KitConfig,
                       num_inference_steps: int = 50, batch_size: int | None = None) -> EvalResult:
     """The teacher's ``num_inference_steps``-step DDIM images of the evaluation set, measured and recorded as
     ``teacher_ddim50``; read from the on-disk cache when an earlier notebook made them for the same model
-    (``model_key``, e.g. :func:`helpers.data.model_fingerprint`), evaluation set and guidance.
+    (``model_key``, e.g. :func:`helpers.data.model_fingerprint`), evaluation set and guidance. The cache and
+    the records live in the output folder of ``config`` (no cache under nbgrader).
 
     ``pipe.unet`` must be the teacher: call it before the first adapter is added, or inside
     :func:`helpers.training.adapters_disabled`.
@@ -164,16 +166,16 @@ def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key:
 
     key = hashlib.sha256(json.dumps([model_key, eval_set.key(), guidance_scale, num_inference_steps])
                          .encode()).hexdigest()[:16]
-    path = None if runmode.grading() else out_dir() / "cache" / f"teacher-{key}.pt"
+    path = None if config.grading else out_dir(config) / "cache" / f"teacher-{key}.pt"
     if path is not None and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         result = EvalResult(REFERENCE_NAME, saved["images"], float(saved["prompt_accuracy"]),
                             float(saved["fidelity_psnr_db"]), float(saved["seconds"]), {"cached": True})
-        record_sampler(REFERENCE_NAME, result.prompt_accuracy, result.fidelity_psnr_db,
+        record_sampler(REFERENCE_NAME, result.prompt_accuracy, result.fidelity_psnr_db, config,
                        seconds=round(result.seconds, 3), images=len(eval_set), steps=num_inference_steps)
         return result
     result = evaluate(REFERENCE_NAME, pipeline_sampler(pipe, num_inference_steps, guidance_scale), eval_set, None,
-                      batch_size, steps=num_inference_steps)
+                      config, batch_size, steps=num_inference_steps)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
@@ -192,9 +194,10 @@ def results_table(results: Sequence[EvalResult]) -> str:
     return "\n".join(lines)
 
 
-def show_results(results: Sequence[EvalResult], eval_set: EvalSet, per_row: int = 10, filename: str | None = None):
+def show_results(results: Sequence[EvalResult], eval_set: EvalSet, config: KitConfig, per_row: int = 10,
+                 filename: str | None = None):
     """One row of images per sampler (the first image of each digit, same noise in every row); saved under
-    ``figures/filename`` of the output folder when given. Returns the figure."""
+    ``figures/filename`` of ``config``'s output folder when given. Returns the figure."""
     from helpers.plotting import show_images
     from helpers.report import save_figure
 
@@ -205,5 +208,5 @@ def show_results(results: Sequence[EvalResult], eval_set: EvalSet, per_row: int 
               for r in results for j, i in enumerate(picks)]
     fig = show_images(images, titles=titles, ncols=len(picks), size=1.6)
     if filename:
-        save_figure(fig, filename)
+        save_figure(fig, filename, config)
     return fig

@@ -1,7 +1,8 @@
 """Which model the course runs, and loading it.
 
-One setting chooses the model everywhere (notebooks, reference run, tests): the ``model`` argument or,
-when that is not given, the environment variable ``CD_KIT_MODEL``:
+One setting chooses the model everywhere (notebooks, reference run, tests): the ``model`` field of the
+:class:`helpers.config.KitConfig` (environment variable ``CD_KIT_MODEL``), passed to :func:`resolve_model`
+and :func:`load_course_pipeline`:
 
 * ``small`` (default): the small SD-architecture teacher trained on digits that the kit ships in
   ``helpers/assets/digits-sd``; works offline, on a laptop CPU.
@@ -13,19 +14,19 @@ when that is not given, the environment variable ``CD_KIT_MODEL``:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from helpers.config import KitConfig
 from helpers.device import pick_device, pick_dtype
 
 __all__ = ["SD15_MODEL_ID", "ModelSpec", "resolve_model", "load_course_pipeline", "use_trailing_ddim",
            "describe_setup"]
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-ENV_VAR = "CD_KIT_MODEL"
+ENV_VAR = KitConfig.env_var("model")
 
 
 def _small_model_dir() -> Path:
@@ -51,8 +52,8 @@ class ModelSpec:
 
 
 def resolve_model(model: str | None = None) -> ModelSpec:
-    """Turn the model setting (argument, else ``$CD_KIT_MODEL``, else ``small``) into a :class:`ModelSpec`."""
-    setting = (model or os.environ.get(ENV_VAR) or "small").strip()
+    """Turn a model setting (``config.model``; ``None`` or empty: ``small``) into a :class:`ModelSpec`."""
+    setting = (model or "small").strip()
     key = setting.lower()
     if key in ("small", "digits", "digits-sd"):
         folder = _small_model_dir()
@@ -80,17 +81,18 @@ def use_trailing_ddim(pipe):
     return pipe
 
 
-def load_course_pipeline(model: str | None = None, device: str | torch.device | None = None,
+def load_course_pipeline(config: KitConfig, device: str | torch.device | None = None,
                          dtype: torch.dtype | str | None = None):
-    """Load the course's teacher pipeline with DDIM trailing timesteps, fp16 on CUDA and fp32 on CPU.
+    """Load the teacher pipeline of ``config.model`` with DDIM trailing timesteps, fp16 on CUDA and fp32 on CPU,
+    on ``device`` (default: ``config.device``, else CUDA when available).
 
     This is the loader notebooks 02-05 and the reference run use; assignment 01 asks students to write
     their own. Errors that say what to do: no weights offline, unknown folder.
     """
     from diffusers import StableDiffusionPipeline
 
-    spec = resolve_model(model)
-    device = pick_device(device)
+    spec = resolve_model(config.model)
+    device = pick_device(device if device is not None else config.device)
     dtype = pick_dtype(device, dtype)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -109,15 +111,12 @@ def load_course_pipeline(model: str | None = None, device: str | torch.device | 
     return use_trailing_ddim(pipe)
 
 
-def describe_setup(model: str | None = None, device: str | torch.device | None = None) -> str:
+def describe_setup(config: KitConfig) -> str:
     """A one-paragraph summary printed at the top of every notebook: model, device, dtype, run mode."""
-    from helpers import runmode
-
-    spec = resolve_model(model)
-    dev = pick_device(device)
-    mode = os.environ.get("NBGRADER_EXECUTION") or ("reference run (reduced)" if runmode.reduced() else "interactive")
+    spec = resolve_model(config.model)
+    dev = pick_device(config.device)
     return (
         f"Model: {spec.setting!r} -> {spec.source} ({spec.kind}); device: {dev}; dtype: {pick_dtype(dev)}; "
-        f"guidance scale: {spec.guidance_scale}; mode: {mode}.\n"
+        f"guidance scale: {spec.guidance_scale}; mode: {config.mode}.\n"
         f"Change the model with the environment variable {ENV_VAR} (small | sd15 | <hub id or folder>)."
     )

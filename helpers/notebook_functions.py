@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from helpers import runmode
 from helpers.answer_env import namespace
+from helpers.config import KitConfig
 from helpers.course import ASSIGNMENTS, assignment
 
 __all__ = ["answer_cells", "course_namespace", "load_course_functions", "default_course_dir"]
@@ -59,25 +59,26 @@ def course_namespace(course_dir: str | Path, upto: str, include_last: bool = Tru
     return ns
 
 
-def default_course_dir() -> Path:
-    """The folder holding the assignment folders: the solutions under autograde, else the parent of the
-    notebook's working directory (``notebooks/`` for a student, ``solutions/`` for the reference run)."""
-    if runmode.autograding():
-        from autograder.reference import SOLUTIONS_DIR
-
-        return SOLUTIONS_DIR
+def default_course_dir(config: KitConfig) -> Path:
+    """The folder holding the assignment folders: the solutions (``config.solutions_path``) under autograde,
+    else the parent of the notebook's working directory (``notebooks/`` for a student, ``solutions/`` for the
+    reference run)."""
+    if config.autograding:
+        return config.solutions_path
     return Path.cwd().parent
 
 
-def load_course_functions(upto: str, names: list[str] | tuple[str, ...], course_dir: str | Path | None = None
-                          ) -> SimpleNamespace:
+def load_course_functions(upto: str, names: list[str] | tuple[str, ...], config: KitConfig | None = None,
+                          course_dir: str | Path | None = None) -> SimpleNamespace:
     """The functions ``names`` from the assignments up to ``upto`` (exclusive), e.g.
-    ``load_course_functions("04_consistency_loss", ["q_sample", "ddim_solver_step"])``."""
-    ns = course_namespace(course_dir or default_course_dir(), upto, include_last=False)
+    ``load_course_functions("04_consistency_loss", ["q_sample", "ddim_solver_step"], CONFIG)``; read from
+    ``course_dir``, default :func:`default_course_dir` of ``config`` (``None``: the default settings)."""
+    course_dir = course_dir or default_course_dir(config or KitConfig())
+    ns = course_namespace(course_dir, upto, include_last=False)
     missing = [n for n in names if n not in ns]
     if missing:
         raise LookupError(
-            f"Could not find {missing} in the earlier notebooks under {course_dir or default_course_dir()}: "
+            f"Could not find {missing} in the earlier notebooks under {course_dir}: "
             "complete those assignments (and keep their notebooks next to this one)."
         )
     return SimpleNamespace(**{n: ns[n] for n in names})

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from helpers.config import KitConfig
+
 __all__ = ["SD15_LORA_TARGETS", "PROFILES", "PROFILE_ENV_VAR", "TrainSettings", "settings_for", "pick_profile",
            "SharedBaseTeacher", "make_teacher", "load_trained_unet", "lora_config", "run_settings", "num_phase_steps",
            "frozen_copy", "prepare_unet_for_phase", "adapter_names", "add_phase_adapter", "use_adapter",
@@ -74,16 +76,14 @@ class TrainSettings:
 #   low-memory  for GPUs under 20 GiB (a 16 GB T4): fp16 frozen base shared by student and teacher, gradient
 #               checkpointing; SD1.5 at batch 8 peaks at 10.5 GiB (H100, 2026-11-26) instead of 14.5 GiB.
 PROFILES = ("course", "low-memory")
-PROFILE_ENV_VAR = "CD_KIT_TRAIN_PROFILE"
+PROFILE_ENV_VAR = KitConfig.env_var("train_profile")
 LOW_MEMORY_BELOW_GIB = 20.0
 
 
 def pick_profile(profile: str | None = None) -> str:
-    """The training profile: ``profile`` if given, else ``$CD_KIT_TRAIN_PROFILE``, else ``low-memory`` on a
-    CUDA GPU with less than 20 GiB and ``course`` otherwise."""
-    import os
-
-    profile = profile or os.environ.get(PROFILE_ENV_VAR) or None
+    """The training profile: ``profile`` if given (e.g. ``config.train_profile``, the setting of
+    ``$CD_KIT_TRAIN_PROFILE``), else ``low-memory`` on a CUDA GPU with less than 20 GiB and ``course`` otherwise."""
+    profile = profile or None
     if profile is None:
         small_gpu = torch.cuda.is_available() and (
             torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 < LOW_MEMORY_BELOW_GIB)
@@ -121,22 +121,21 @@ def lora_config(settings: TrainSettings):
                       target_modules=list(settings.lora_targets))
 
 
-def run_settings(kind: str, profile: str | None = None) -> TrainSettings:
-    """:func:`settings_for` shrunk for the run mode (:func:`helpers.runmode.pick`): a few tiny steps under
-    nbgrader, fewer steps in the reduced reference run, the full recipe otherwise."""
-    from helpers import runmode
-
-    s = settings_for(kind, profile)
+def run_settings(kind: str, config: KitConfig) -> TrainSettings:
+    """:func:`settings_for` in the profile ``config.train_profile``, shrunk for the run mode
+    (:meth:`KitConfig.pick <helpers.config.KitConfig.pick>`): a few tiny steps under nbgrader, fewer steps in
+    the reduced reference run, the full recipe otherwise."""
+    s = settings_for(kind, config.train_profile)
     def shrink(steps):
-        return runmode.pick(steps, reduced_value=max(1, (steps or 200) // 10), grading_value=2)
+        return config.pick(steps, reduced_value=max(1, (steps or 200) // 10), grading_value=2)
 
     return replace(
         s,
         max_steps=shrink(s.max_steps),
         phase_steps={phase: shrink(steps) for phase, steps in s.phase_steps.items()},
-        batch_size=runmode.pick(s.batch_size, grading_value=min(s.batch_size, 8)),
-        gradient_accumulation_steps=runmode.pick(s.gradient_accumulation_steps, grading_value=1),
-        num_images=runmode.pick(s.num_images, reduced_value=min(s.num_images or 512, 512), grading_value=32),
+        batch_size=config.pick(s.batch_size, grading_value=min(s.batch_size, 8)),
+        gradient_accumulation_steps=config.pick(s.gradient_accumulation_steps, grading_value=1),
+        num_images=config.pick(s.num_images, reduced_value=min(s.num_images or 512, 512), grading_value=32),
     )
 
 

@@ -25,10 +25,11 @@ pytestmark = pytest.mark.slow
 
 
 def _model_available() -> bool:
+    from helpers.config import KitConfig
     from helpers.models import resolve_model
 
     try:
-        spec = resolve_model()
+        spec = resolve_model(KitConfig.from_environ().model)  # the model this test run is given
     except FileNotFoundError:
         return False
     return spec.kind != "custom" or Path(spec.source).is_dir()

@@ -57,12 +57,10 @@ def test_center_crop_keeps_the_middle_instead_of_squashing(tmp_path):
     assert out[:, :, 1:-1].min() > 0.95 and out.mean() > 0.9, "the black sides should have been cropped away"
 
 
-def test_folder_from_environment_variable(folder, monkeypatch):
-    monkeypatch.setenv(DATA_ENV_VAR, str(folder))
-    assert len(load_image_caption_folder(size=8)) == 3
-    monkeypatch.delenv(DATA_ENV_VAR)
-    with pytest.raises(FileNotFoundError, match=DATA_ENV_VAR):
-        data_folder()
+def test_folder_from_the_data_setting(folder, make_config):
+    assert len(load_image_caption_folder(make_config(data=str(folder)).data, size=8)) == 3
+    with pytest.raises(FileNotFoundError, match=DATA_ENV_VAR):  # unset: the message names the variable to set
+        data_folder(make_config().data)
 
 
 def test_missing_folder(tmp_path):

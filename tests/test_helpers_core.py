@@ -8,11 +8,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from helpers import runmode
+from helpers.config import KitConfig
 from helpers.course import ASSIGNMENTS, assignment, assignment_of
 from helpers.device import pick_device, pick_dtype
 from helpers.models import SD15_MODEL_ID, load_course_pipeline, resolve_model
-from helpers.notebook_functions import answer_cells, load_course_functions
+from helpers.notebook_functions import answer_cells, default_course_dir, load_course_functions
 from helpers.plotting import plot_losses, show_images
 from helpers.schedule import alpha_sigma, gather, timesteps_like
 
@@ -20,8 +20,7 @@ SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def test_device_and_dtype(monkeypatch):
-    monkeypatch.delenv("CD_KIT_DEVICE", raising=False)
+def test_device_and_dtype(make_config):
     assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_dtype("cpu") is torch.float32
@@ -29,8 +28,7 @@ def test_device_and_dtype(monkeypatch):
     assert pick_dtype("cpu", "bf16") is torch.bfloat16
     with pytest.raises(ValueError, match="Unknown dtype"):
         pick_dtype("cpu", "fp8")
-    monkeypatch.setenv("CD_KIT_DEVICE", "cpu")
-    assert pick_device() == torch.device("cpu")
+    assert pick_device(make_config(device="cpu").device) == torch.device("cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -39,23 +37,22 @@ def test_asking_for_cuda_without_a_gpu_says_what_to_do():
         pick_device("cuda")
 
 
-def test_model_setting(monkeypatch):
-    monkeypatch.delenv("CD_KIT_MODEL", raising=False)
-    small = resolve_model()
+def test_model_setting(make_config):
+    small = resolve_model(make_config().model)
     assert small.kind == "small" and small.is_small
     for name in ("sd15", "SD1.5", "runwayml/stable-diffusion-v1-5", SD15_MODEL_ID):
         spec = resolve_model(name)
         assert spec.kind == "sd15" and spec.source == SD15_MODEL_ID  # the maintained mirror, never runwayml
         assert spec.guidance_scale == 7.5
-    monkeypatch.setenv("CD_KIT_MODEL", "some-org/some-model")
-    assert resolve_model().source == "some-org/some-model" and resolve_model().kind == "custom"
-    assert resolve_model("small").kind == "small"  # the argument wins over the environment
+    custom = resolve_model(make_config(model="some-org/some-model").model)
+    assert custom.source == "some-org/some-model" and custom.kind == "custom"
+    assert resolve_model().kind == "small"  # no setting: the kit's small model
 
 
-def test_sd15_offline_error_says_what_to_do(monkeypatch):
+def test_sd15_offline_error_says_what_to_do(monkeypatch, make_config):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="CD_KIT_MODEL=small"):
-        load_course_pipeline("sd15", device="cpu")
+        load_course_pipeline(make_config(model="sd15"), device="cpu")
 
 
 def test_gather_and_alpha_sigma():
@@ -98,8 +95,7 @@ def _answer_notebook(path, cells: dict[str, str]):
     nbformat.write(nb, path)
 
 
-def test_load_course_functions_reads_the_students_earlier_notebooks(tmp_path, monkeypatch):
-    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+def test_load_course_functions_reads_the_students_earlier_notebooks(tmp_path, monkeypatch, make_config):
     course = tmp_path / "notebooks"
     _answer_notebook(course / "02_ddim_step" / "ddim_step.ipynb", {
         "q_sample": "def q_sample(x, t, scheduler, noise=None):\n    return torch.zeros(1) + 2\n",
@@ -108,11 +104,15 @@ def test_load_course_functions_reads_the_students_earlier_notebooks(tmp_path, mo
     assert set(answer_cells(course / "02_ddim_step" / "ddim_step.ipynb")) == {"q_sample", "ddim_solver_step"}
     (course / "04_consistency_loss").mkdir()
     monkeypatch.chdir(course / "04_consistency_loss")
-    fns = load_course_functions("04_consistency_loss", ["q_sample", "ddim_solver_step"])
+    fns = load_course_functions("04_consistency_loss", ["q_sample", "ddim_solver_step"], make_config())
     assert fns.ddim_solver_step() == "mine"
     assert fns.q_sample(None, None, None).item() == 2.0  # answer cells see torch via helpers.answer_env
     with pytest.raises(LookupError, match="complete those assignments"):
-        load_course_functions("04_consistency_loss", ["cm_loss_template"])
+        load_course_functions("04_consistency_loss", ["cm_loss_template"], make_config())
+    # under autograde the instructor's solutions are read instead (config.solutions_path)
+    graded = make_config(execution="autograde", solutions=str(course))
+    assert default_course_dir(graded) == course and default_course_dir(make_config()) == course
+    assert load_course_functions("04_consistency_loss", ["q_sample"], graded).q_sample(None, None, None).item() == 2.0
 
 
 def test_answer_cells_errors_are_clear(tmp_path):
@@ -124,31 +124,35 @@ def test_answer_cells_errors_are_clear(tmp_path):
         answer_cells(bad)
 
 
-def test_runmode(monkeypatch):
-    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
-    monkeypatch.delenv("CD_KIT_REDUCED", raising=False)
-    assert runmode.pick(100, reduced_value=10, grading_value=1) == 100
-    monkeypatch.setenv("CD_KIT_REDUCED", "1")
-    assert runmode.pick(100, reduced_value=10, grading_value=1) == 10
-    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
-    assert runmode.grading() and runmode.autograding()
-    assert runmode.pick(100, reduced_value=10, grading_value=1) == 1
-    assert runmode.pick(100, reduced_value=10) == 10
+def test_run_mode(make_config):
+    interactive = make_config()
+    assert interactive.pick(100, reduced_value=10, grading_value=1) == 100
+    assert not interactive.grading and interactive.mode == "interactive"
+    reduced = make_config(reduced=True)
+    assert reduced.pick(100, reduced_value=10, grading_value=1) == 10 and reduced.mode == "reference run (reduced)"
+    graded = reduced.replace(execution="autograde")
+    assert graded.grading and graded.autograding and graded.mode == "autograde"
+    assert graded.pick(100, reduced_value=10, grading_value=1) == 1
+    assert graded.pick(100, reduced_value=10) == 10
+    validating = make_config(execution="validate")
+    assert validating.grading and not validating.autograding
 
 
-def test_report_merges_and_skips_under_grading(tmp_path, monkeypatch):
+def test_report_merges_and_skips_under_grading(tmp_path, make_config):
     from helpers import report
 
-    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
-    monkeypatch.setenv("CD_KIT_OUT", str(tmp_path))
-    report.record_sampler("cd_4", 0.9, 20.0, steps=4)
-    report.record_timing("train_cd", 12.3456)
+    config = make_config(out=str(tmp_path))
+    report.record_sampler("cd_4", 0.9, 20.0, config, steps=4)
+    report.record_timing("train_cd", 12.3456, config)
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert data["samplers"]["cd_4"] == {"prompt_accuracy": 0.9, "fidelity_psnr_db": 20.0, "steps": 4}
     assert data["timings_s"]["train_cd"] == 12.346
-    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
-    report.record_timing("train_ct", 1.0)
+    assert report.load_metrics(config) == data
+    graded = config.replace(execution="autograde")
+    report.record_timing("train_ct", 1.0, graded)
     assert "train_ct" not in json.loads((tmp_path / "metrics.json").read_text())["timings_s"]
+    assert report.save_figure(None, "never.png", graded) is None
+    assert KitConfig().out_path.parts[-2:] == ("out", "interactive")  # the default output folder
 
 
 def test_plots_are_saved(tmp_path):
@@ -160,16 +164,16 @@ def test_plots_are_saved(tmp_path):
         show_images([])
 
 
-def test_answer_env_progress_bar_stays_off_stderr_while_grading(monkeypatch, capsys):
+def test_answer_env_progress_bar_stays_off_stderr_while_grading(kit_environ, make_config, capsys):
     # nbgrader fails a test cell that writes to stderr; without ipywidgets tqdm.auto falls back to text.
     from helpers.answer_env import tqdm
 
-    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    kit_environ(make_config(execution="autograde"))  # an edge: answer cells' tqdm reads the environment
     for _ in tqdm(range(3), desc="training"):
         pass
     captured = capsys.readouterr()
     assert captured.err == "" and "training" in captured.out
-    monkeypatch.delenv("NBGRADER_EXECUTION")
+    kit_environ(make_config())
     for _ in tqdm(range(3), desc="student"):
         pass
     assert "student" in capsys.readouterr().err  # a student's own run keeps tqdm's default

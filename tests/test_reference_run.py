@@ -12,7 +12,9 @@ import pytest
 from helpers import reference_run as rr
 from helpers.course import ASSIGNMENTS, KIT_ROOT
 
-SETUP = "from helpers.report import record_sampler, record_timing, record_settings, save_figure"
+SETUP = ("from helpers.config import KitConfig\n"
+         "from helpers.report import record_sampler, record_timing, record_settings, save_figure\n"
+         "CONFIG = KitConfig.from_environ()")
 
 
 def _write_course(root: Path, cells_by_assignment: dict[str, list[str | tuple[str, str]]]) -> Path:
@@ -35,13 +37,13 @@ def _write_course(root: Path, cells_by_assignment: dict[str, list[str | tuple[st
 
 
 def _sampler(name: str, acc: float, psnr: str) -> str:
-    return f"record_sampler({name!r}, {acc}, {psnr})"
+    return f"record_sampler({name!r}, {acc}, {psnr}, CONFIG)"
 
 
 COMPLETE = {
     "01_model_loading": [
         SETUP,
-        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(); ax.plot([3, 1, 2]); save_figure(fig, 'loss_ct.png')",
+        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(); ax.plot([3, 1, 2]); save_figure(fig, 'loss_ct.png', CONFIG)",
         "from helpers.metrics import psnr_db\nimport torch\nx = torch.rand(2, 3, 8, 8)\n"
         + _sampler("teacher_ddim50", 0.8, "psnr_db(x, x)") + "\n" + _sampler("teacher_ddim4", 0.2, "12.5"),
     ],
@@ -49,7 +51,7 @@ COMPLETE = {
         SETUP,
         "import os, pathlib\nrecord_settings('seen_by_kernel', {'cwd': pathlib.Path.cwd().name, "
         "'reduced': os.environ.get('CD_KIT_REDUCED'), 'backend': os.environ.get('MPLBACKEND'), "
-        "'model': os.environ.get('CD_KIT_MODEL')})\nrecord_timing('train_ct', 1.5)",
+        "'model': os.environ.get('CD_KIT_MODEL')}, CONFIG)\nrecord_timing('train_ct', 1.5, CONFIG)",
     ],
     "03_ct_derivation": [SETUP, _sampler("ct_4", 0.5, "14.0")],
     "04_consistency_loss": [SETUP, _sampler("cd_4", 0.65, "15.0")],

@@ -17,15 +17,6 @@ from helpers.models import ModelSpec
 SMALL = replace(training.settings_for("small"), lora_rank=4)
 
 
-@pytest.fixture
-def out(tmp_path, monkeypatch):
-    """A fresh output folder for helpers.report, outside nbgrader."""
-    monkeypatch.setenv("CD_KIT_OUT", str(tmp_path))
-    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
-    monkeypatch.delenv("CD_KIT_REDUCED", raising=False)
-    return tmp_path
-
-
 def _probe(pipe):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)
@@ -38,20 +29,17 @@ def _out(unet, probe):
 
 
 # ------------------------------------------------------------------------------------------ settings
-def test_run_settings_shrink_under_grading_and_in_the_reduced_run(monkeypatch):
-    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
-    monkeypatch.delenv("CD_KIT_REDUCED", raising=False)
-    full = training.run_settings("small")
+def test_run_settings_shrink_under_grading_and_in_the_reduced_run(make_config):
+    full = training.run_settings("small", make_config())
     assert full == training.settings_for("small")
-    monkeypatch.setenv("CD_KIT_REDUCED", "1")
-    reduced = training.run_settings("small")
+    reduced = training.run_settings("small", make_config(reduced=True))
     assert reduced.max_steps < full.max_steps and reduced.batch_size == full.batch_size
     assert all(reduced.phase_steps[k] < full.phase_steps[k] for k in full.phase_steps)
-    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
-    graded = training.run_settings("sd15")
+    grading = make_config(reduced=True, execution="autograde")
+    graded = training.run_settings("sd15", grading)
     assert graded.max_steps <= 2 and graded.batch_size <= 8 and graded.gradient_accumulation_steps == 1
     assert graded.num_images <= 32
-    assert all(v <= 2 for v in training.run_settings("small").phase_steps.values())
+    assert all(v <= 2 for v in training.run_settings("small", grading).phase_steps.values())
 
 
 def test_num_phase_steps():
@@ -73,19 +61,15 @@ def test_small_settings_are_the_tuned_recipe():
         training.settings_for("sdxl")
 
 
-def test_profiles(monkeypatch):
-    monkeypatch.delenv(training.PROFILE_ENV_VAR, raising=False)
+def test_profiles(make_config):
     course = training.settings_for("sd15", "course")
     assert (course.student_base, course.teacher, course.gradient_checkpointing) == ("fp32", "separate", True)
     low = training.settings_for("sd15", "low-memory")
     assert (low.student_base, low.teacher, low.gradient_checkpointing) == ("half", "shared", True)
     assert (low.batch_size, low.learning_rate, low.lora_rank) == (course.batch_size, course.learning_rate, 64)
-    monkeypatch.setenv(training.PROFILE_ENV_VAR, "low-memory")
-    assert training.settings_for("small").teacher == "shared"
-    monkeypatch.setenv(training.PROFILE_ENV_VAR, "fast")
+    assert training.run_settings("small", make_config(train_profile="low-memory")).teacher == "shared"
     with pytest.raises(ValueError, match="CD_KIT_TRAIN_PROFILE"):
-        training.settings_for("small")
-    monkeypatch.delenv(training.PROFILE_ENV_VAR)
+        training.run_settings("small", make_config(train_profile="fast"))
     if not torch.cuda.is_available():
         assert training.pick_profile() == "course"
 
@@ -226,27 +210,29 @@ def test_digit_pairs_are_repeatable_with_varied_prompts():
     assert data.digit_pairs(40, seed=4)[1] != captions
 
 
-def test_training_dataset_is_encoded_once_and_cached(out, monkeypatch):
+def test_training_dataset_is_encoded_once_and_cached(kit_config, monkeypatch):
+    out = kit_config.out_path
     pipe = tiny_pipeline()
     spec = ModelSpec("tiny", "tiny-source", "small", 3.0, "7")
     settings = replace(SMALL, num_images=24)
-    first = data.training_dataset(pipe, spec, settings)
+    first = data.training_dataset(pipe, spec, settings, kit_config)
     latents, embeds = first.tensors
     assert latents.shape == (24, 4, 16, 16) and embeds.shape == (24, 77, pipe.text_encoder.config.hidden_size)
     cached = list((out / "cache").glob("train-*.pt"))
     assert len(cached) == 1
     monkeypatch.setattr(data, "encode_pairs", lambda *a, **k: pytest.fail("encoded twice"))
-    assert data.training_dataset(pipe, spec, settings) is first
+    assert data.training_dataset(pipe, spec, settings, kit_config) is first
     data._MEMORY.clear()
-    again = data.training_dataset(pipe, spec, settings)
+    again = data.training_dataset(pipe, spec, settings, kit_config)
     assert torch.equal(again.tensors[0], latents)
 
 
-def test_dataset_is_not_written_while_grading(out, monkeypatch):
-    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+def test_dataset_is_not_written_while_grading(make_config):
+    graded = make_config(execution="autograde")
     data._MEMORY.clear()
-    data.training_dataset(tiny_pipeline(), ModelSpec("t", "graded-source", "small", 3.0, "7"), replace(SMALL, num_images=8))
-    assert not list(out.rglob("train-*.pt"))
+    data.training_dataset(tiny_pipeline(), ModelSpec("t", "graded-source", "small", 3.0, "7"), replace(SMALL, num_images=8),
+                          graded)
+    assert not list(graded.out_path.rglob("train-*.pt"))
 
 
 def test_encode_pairs_scales_latents():
@@ -268,12 +254,12 @@ def test_dataloader_batches_are_whole_and_fp32():
         data.training_dataloader(ds, batch_size=11)
 
 
-def test_data_source_follows_the_model_kind(monkeypatch):
-    monkeypatch.delenv("CD_KIT_DATA", raising=False)
-    assert data.data_source("small") == "digits" and data.data_source("custom") == "digits"
-    assert data.data_source("sd15") == "captions"
-    monkeypatch.setenv("CD_KIT_DATA", "/somewhere")
-    assert data.data_source("custom") == "captions"
+def test_data_source_follows_the_model_kind(make_config):
+    unset = make_config().data
+    assert data.data_source("small", unset) == "digits" and data.data_source("custom", unset) == "digits"
+    assert data.data_source("sd15", unset) == "captions"
+    folder = make_config(data="/somewhere").data
+    assert data.data_source("custom", folder) == "captions" and data.data_source("small", folder) == "digits"
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -305,19 +291,20 @@ def test_samplers_start_from_the_given_latents():
     assert seen["kw"] == {"num_boundaries": 4}
 
 
-def test_evaluate_records_and_the_teacher_reference_is_cached(out, monkeypatch):
+def test_evaluate_records_and_the_teacher_reference_is_cached(kit_config, monkeypatch):
+    out = kit_config.out_path
     pipe = tiny_pipeline(ToyUNet(sample_size=16))
     eval_set = evaluation.make_eval_set(pipe, per_digit=1)
-    ref = evaluation.teacher_reference(pipe, eval_set, 2.0, "tiny", num_inference_steps=2)
+    ref = evaluation.teacher_reference(pipe, eval_set, 2.0, "tiny", kit_config, num_inference_steps=2)
     assert ref.name == "teacher_ddim50" and ref.fidelity_psnr_db == 100.0 and 0 <= ref.prompt_accuracy <= 1
     four = evaluation.evaluate("teacher_ddim4", evaluation.pipeline_sampler(pipe, 1, 2.0), eval_set, ref.images,
-                               steps=1)
+                               kit_config, steps=1)
     assert four.fidelity_psnr_db < 100.0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["samplers"]) == {"teacher_ddim50", "teacher_ddim4"}
     assert metrics["samplers"]["teacher_ddim4"]["steps"] == 1 and "sample_teacher_ddim4" in metrics["timings_s"]
     monkeypatch.setattr(evaluation, "pipeline_sampler", lambda *a, **k: pytest.fail("the teacher ran again"))
-    cached = evaluation.teacher_reference(pipe, eval_set, 2.0, "tiny", num_inference_steps=2)
+    cached = evaluation.teacher_reference(pipe, eval_set, 2.0, "tiny", kit_config, num_inference_steps=2)
     assert torch.equal(cached.images, ref.images) and cached.extra == {"cached": True}
     text = evaluation.results_table([ref, four])
     assert "teacher_ddim4" in text and "100.00" in text
