@@ -1,32 +1,42 @@
 """The reference functions, read from the solution notebooks (their one source of truth)."""
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
-from helpers.course import KIT_ROOT, assignment_of
+from helpers.config import KitConfig
+from helpers.course import assignment_of
 from helpers.notebook_functions import course_namespace
 
 __all__ = ["SOLUTIONS_DIR", "reference_namespace", "reference"]
 
-SOLUTIONS_DIR = Path(os.environ.get("CD_KIT_SOLUTIONS", KIT_ROOT / "solutions"))
+
+def _solutions_dir() -> Path:
+    """The solution notebooks' folder (``CD_KIT_SOLUTIONS``), read when used: the grading worker sets it
+    after this module may have been imported."""
+    return KitConfig.from_environ().solutions_path
+
+
+def __getattr__(name: str):
+    if name == "SOLUTIONS_DIR":  # ``from autograder.reference import SOLUTIONS_DIR`` reads it at that moment
+        return _solutions_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @lru_cache(maxsize=None)
-def _namespace(upto: str) -> dict:
-    return course_namespace(SOLUTIONS_DIR, upto, include_last=True)
+def _namespace(upto: str, solutions_dir: str) -> dict:
+    return course_namespace(solutions_dir, upto, include_last=True)
 
 
 def reference_namespace(upto: str = "05_multi_boundary") -> dict:
     """A namespace with every reference function of the assignments up to and including ``upto``
     (a copy: callers may change it)."""
-    return dict(_namespace(upto))
+    return dict(_namespace(upto, str(_solutions_dir())))
 
 
 def reference(name: str):
     """The reference implementation of the graded function ``name``."""
-    return _namespace(assignment_of(name).id)[name]
+    return _namespace(assignment_of(name).id, str(_solutions_dir()))[name]
 
 
 # --- any source folder (the kit's solutions or a course variant), used by the isolated re-check ---------
@@ -37,10 +47,15 @@ def _answer_sources(notebook: Path) -> dict[str, str]:
     return answer_cells(notebook)
 
 
-@lru_cache(maxsize=None)
-def source_functions(source_dir: str | Path = SOLUTIONS_DIR) -> dict[str, tuple[str, str]]:
+def source_functions(source_dir: str | Path | None = None) -> dict[str, tuple[str, str]]:
     """``{function: (assignment id, answer-cell source)}`` for every answer cell of every notebook under
-    ``source_dir/<assignment>/``, in course order (assignment folders sorted by name, then notebooks, then cells)."""
+    ``source_dir/<assignment>/`` (default: the solutions), in course order (assignment folders sorted by name,
+    then notebooks, then cells)."""
+    return _source_functions(source_dir if source_dir is not None else _solutions_dir())
+
+
+@lru_cache(maxsize=None)
+def _source_functions(source_dir: str | Path) -> dict[str, tuple[str, str]]:
     root = Path(source_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"No source folder {root}: pass the folder holding <assignment>/<notebook>.ipynb.")
@@ -71,18 +86,23 @@ def _graded_namespace(name: str, depends: tuple[str, ...], source_dir: str) -> d
     return ns
 
 
-def graded_namespace(name: str, depends: tuple[str, ...] | list[str] = (), source_dir: str | Path = SOLUTIONS_DIR
+def graded_namespace(name: str, depends: tuple[str, ...] | list[str] = (), source_dir: str | Path | None = None
                      ) -> dict:
     """The namespace a student's ``name`` is graded against, built from ``source_dir``: the answer-cell names,
     every reference function of the earlier assignments, and the same-assignment functions in ``depends``.
     Never the reference of ``name`` itself. Same contents as :func:`autograder.checks.reference_globals` for the
     kit's course (a copy: callers may change it)."""
+    source_dir = source_dir if source_dir is not None else _solutions_dir()
     return dict(_graded_namespace(name, tuple(depends), str(Path(source_dir).resolve())))
 
 
+def reference_in(name: str, source_dir: str | Path | None = None):
+    """The reference implementation of ``name`` as defined in ``source_dir``'s notebooks (default: the solutions)."""
+    return _reference_in(name, source_dir if source_dir is not None else _solutions_dir())
+
+
 @lru_cache(maxsize=None)
-def reference_in(name: str, source_dir: str | Path = SOLUTIONS_DIR):
-    """The reference implementation of ``name`` as defined in ``source_dir``'s notebooks."""
+def _reference_in(name: str, source_dir: str | Path):
     functions = source_functions(str(Path(source_dir).resolve()))
     a, source = functions[name]
     ns = graded_namespace(name, tuple(f for f, (b, _) in functions.items() if b == a and f != name), source_dir)
