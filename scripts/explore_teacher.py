@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from helpers import metrics
 from helpers import small_model as sm
-from helpers import train_small_model as tsm
+from helpers.commands import train_small_model as tsm
 
 @dataclass(frozen=True)
 class Variant:

@@ -1,4 +1,4 @@
-"""The reference run (helpers.reference_run): the runner's mechanics on small synthetic courses, its
+"""The reference run (helpers.commands.reference_run): the runner's mechanics on small synthetic courses, its
 consistency checks, and the real reduced run of the kit's solution notebooks end to end."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers import reference_run as rr
+from helpers.commands import reference_run as rr
 from helpers.course import ASSIGNMENTS, KIT_ROOT
 
 SETUP = "from helpers.report import record_sampler, record_timing, record_settings, save_figure"

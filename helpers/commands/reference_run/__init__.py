@@ -1,6 +1,6 @@
 """The reference run: execute the solution notebooks 01-05 end to end and write a report.
 
-    python -m helpers.reference_run [--model small|sd15|<hub id or folder>] [--out out/reference]
+    python -m helpers.commands.reference_run [--model small|sd15|<hub id or folder>] [--out out/reference]
                                     [--reduced] [--only 01,02] [--cell-timeout SECONDS]
                                     [--solutions solutions]
 
@@ -397,7 +397,7 @@ def run(model: str | None = None, out: str | Path = DEFAULT_OUT, reduced: bool =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.reference_run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m helpers.commands.reference_run", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None,
                         help="small (default: the kit's digits model), sd15, or a Hub id / local pipeline folder "
                              "(default: $CD_KIT_MODEL, else small)")

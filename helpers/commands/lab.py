@@ -1,4 +1,4 @@
-"""Start JupyterLab for a student: ``python -m helpers.lab [student] [--port N] [--model M] [--no-browser]``.
+"""Start JupyterLab for a student: ``python -m helpers.commands.lab [student] [--port N] [--model M] [--no-browser]``.
 
 What it sets up before JupyterLab starts (nothing here is grading code):
 
@@ -205,7 +205,7 @@ def make_setup(root_dir: Path, runtime: Path, port: int | None, token: str | Non
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.lab", description="Start JupyterLab for a student "
+    p = argparse.ArgumentParser(prog="python -m helpers.commands.lab", description="Start JupyterLab for a student "
                                 "on the course notebooks (localhost only; prints the URL with its token).")
     p.add_argument("role", nargs="?", default="student", choices=["student"],
                    help="only 'student' here; instructors use `python -m autograder.lab`")
