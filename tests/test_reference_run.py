@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from helpers.commands import reference_run as rr
+from helpers.commands.reference_run import render
 from helpers.course import ASSIGNMENTS, KIT_ROOT
 
 SETUP = "from helpers.report import record_sampler, record_timing, record_settings, save_figure"
@@ -177,7 +178,7 @@ def test_gap_closed_by_hand_and_undefined_cases():
     assert set(rr.gap_closed(samplers).values()) == {None}
     samplers["teacher_ddim4"]["prompt_accuracy"] = 1.0  # the 4-step teacher better than the 50-step one
     assert set(rr.gap_closed(samplers).values()) == {None}
-    assert "no accuracy gap to close" in "\n".join(rr._metrics_section(samplers))
+    assert "no accuracy gap to close" in "\n".join(render._metrics_section(samplers))
 
 
 def test_report_says_which_students_beat_the_4_step_teacher():
@@ -186,7 +187,7 @@ def test_report_says_which_students_beat_the_4_step_teacher():
                 "cd_4": {"prompt_accuracy": 0.75, "fidelity_psnr_db": 21.5},
                 "ct_4": {"prompt_accuracy": 0.75, "fidelity_psnr_db": 12.0},
                 "multi_cd_4_pipe": {"prompt_accuracy": 0.5, "fidelity_psnr_db": 19.0}}
-    table = "\n".join(rr._metrics_section(samplers))
+    table = "\n".join(render._metrics_section(samplers))
     assert "| `cd_4` | 0.750 | 21.50 | 62 % | +0.250, +1.50 dB: beats it on both |" in table
     assert "| `ct_4` | 0.750 | 12.00 | 62 % | +0.250, -8.00 dB: beats it on accuracy |" in table
     assert "| `multi_cd_4_pipe` | 0.500 | 19.00 | 0 % | +0.000, -1.00 dB: does not beat it |" in table
