@@ -217,3 +217,14 @@ def test_reduced_reference_run_of_the_kits_notebooks(tmp_path, capsys):
     if len(present) == len(ASSIGNMENTS):  # the course is complete: every sampler and the report table
         assert set(rr.EXPECTED_SAMPLERS) <= set(data["samplers"])
         assert all(f"| `{s}` |" in report.read_text() for s in rr.EXPECTED_SAMPLERS)
+
+
+def test_kernel_env_carries_the_run_settings_and_drops_nbgrader():
+    from helpers.commands.reference_run.execute import kernel_env
+    from helpers.config import KitConfig
+
+    base = {"PATH": "/usr/bin", "NBGRADER_EXECUTION": "autograde", "CD_KIT_REDUCED": "1", "MPLBACKEND": "TkAgg"}
+    env = kernel_env(KitConfig(model="small", out="/tmp/o"), base)
+    assert env == {"PATH": "/usr/bin", "CD_KIT_MODEL": "small", "CD_KIT_OUT": "/tmp/o", "MPLBACKEND": "Agg"}
+    env = kernel_env(KitConfig(model="sd15", out="/tmp/o", reduced=True, execution="validate"), base)
+    assert env["CD_KIT_REDUCED"] == "1" and "NBGRADER_EXECUTION" not in env and env["CD_KIT_MODEL"] == "sd15"

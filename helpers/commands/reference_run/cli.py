@@ -22,17 +22,16 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.captions_data import DATA_ENV_VAR
 from helpers.commands.reference_run.check import check_metrics, psnr_cap_db
 from helpers.commands.reference_run.execute import (NotebookResult, environment_info, kernel_env, model_setting,
                                                     prepare, run_notebooks, select_assignments)
 from helpers.commands.reference_run.render import render_report
+from helpers.config import KitConfig
 from helpers.course import ASSIGNMENTS, KIT_ROOT
 
 __all__ = ["DEFAULT_OUT", "RunOutcome", "run", "main"]
@@ -55,23 +54,26 @@ class RunOutcome:
 
 def run(model: str | None = None, out: str | Path = DEFAULT_OUT, reduced: bool = False,
         only: str | Sequence[str] | None = None, solutions_dir: str | Path = KIT_ROOT / "solutions",
-        cell_timeout: int | None = None) -> RunOutcome:
+        cell_timeout: int | None = None, config: KitConfig | None = None) -> RunOutcome:
     """Execute the selected notebooks, write ``metrics.json`` and ``report.md`` under ``out``; see the
-    module docstring."""
+    module docstring. ``config``: the kit's settings (default: :meth:`KitConfig.from_environ`); ``model``,
+    ``out`` and ``reduced`` override its fields for the kernels."""
+    config = KitConfig.from_environ() if config is None else config
     out = Path(out).resolve()
     assignments = select_assignments(only)
-    setting = model_setting(model)
+    setting = model_setting(model or config.model)
     started = _dt.datetime.now().isoformat(timespec="seconds")
     nb_dir = prepare(out, Path(solutions_dir))
-    results = run_notebooks(assignments, nb_dir, kernel_env(out, setting, reduced), cell_timeout)
+    env = kernel_env(config.replace(out=str(out), model=setting, reduced=reduced))
+    results = run_notebooks(assignments, nb_dir, env, cell_timeout)
 
     metrics_path = out / "metrics.json"
     data = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     data.update(run={"model": setting, "reduced": reduced, "only": [a.id for a in assignments],
                      "solutions": str(Path(solutions_dir).resolve()), "started": started,
-                     "cell_timeout_s": cell_timeout, "data": os.environ.get(DATA_ENV_VAR)},
+                     "cell_timeout_s": cell_timeout, "data": config.data},
                 notebooks={r.assignment: {"status": r.status, "wall_s": r.wall_s, "error": r.error} for r in results},
-                environment=environment_info())
+                environment=environment_info(config.device))
     metrics_path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
     figures = sorted(p for p in (out / "figures").glob("*") if p.suffix.lower() in FIGURE_SUFFIXES)
@@ -97,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--solutions", default=str(KIT_ROOT / "solutions"), help="source notebooks (default: solutions/)")
     args = parser.parse_args(argv)
     try:
-        outcome = run(args.model, args.out, args.reduced, args.only, args.solutions, args.cell_timeout)
+        config = KitConfig.from_environ()  # the kit's settings, read once here
+        outcome = run(args.model, args.out, args.reduced, args.only, args.solutions, args.cell_timeout, config)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

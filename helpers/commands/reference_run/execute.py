@@ -6,7 +6,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +18,7 @@ import zmq
 from nbclient import NotebookClient
 from traitlets.config import Config
 
+from helpers.config import KitConfig
 from helpers.course import ASSIGNMENTS, Assignment
 from helpers.device import pick_device
 from helpers.models import resolve_model
@@ -95,16 +96,17 @@ def execute_notebook(path: Path, env: dict[str, str], cell_timeout: int | None =
     return error, time.perf_counter() - start
 
 
-def kernel_env(out: Path, model: str, reduced: bool) -> dict[str, str]:
-    env = dict(os.environ, CD_KIT_OUT=str(out), CD_KIT_MODEL=model, MPLBACKEND="Agg")
-    env.pop("NBGRADER_EXECUTION", None)  # would make helpers.report write nothing
-    env.pop("CD_KIT_REDUCED", None)
-    if reduced:
-        env["CD_KIT_REDUCED"] = "1"
-    return env
+def kernel_env(config: KitConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The kernels' environment: ``base`` (default: this process's, for PATH, HF_HOME...) without
+    ``NBGRADER_EXECUTION`` (it would make helpers.report write nothing) and ``CD_KIT_REDUCED``, then the
+    variables of the kernels' settings ``config`` (``CD_KIT_OUT``, ``CD_KIT_MODEL``, ``CD_KIT_REDUCED=1``
+    when reduced...) and ``MPLBACKEND=Agg``."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in ("NBGRADER_EXECUTION", "CD_KIT_REDUCED")}
+    return {**env, **config.replace(execution="").to_environ(), "MPLBACKEND": "Agg"}
 
 
-def model_setting(model: str | None) -> str:
+def model_setting(model: str) -> str:
     """The model setting for the kernels; a relative folder is made absolute (kernels run elsewhere)."""
     spec = resolve_model(model)  # fails early, saying what to do, when the small model is missing
     return str(Path(spec.setting).resolve()) if spec.kind == "custom" and Path(spec.setting).exists() else spec.setting
@@ -148,9 +150,9 @@ def run_notebooks(assignments: list[Assignment], nb_dir: Path, env: dict[str, st
     return results
 
 
-def environment_info() -> dict[str, Any]:
-    """Python, package versions and the device of this run."""
-    device = pick_device()
+def environment_info(device_setting: str | None = None) -> dict[str, Any]:
+    """Python, package versions and the device of this run (``device_setting``: :attr:`KitConfig.device`)."""
+    device = pick_device(device_setting)
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                             "device": str(device), "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}
