@@ -94,7 +94,8 @@ def _stretch(x: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=4)
 def _cached_classifier(path: str) -> DigitClassifier:
     if not Path(path).exists():
-        raise FileNotFoundError(f"No digit classifier at {path}: train it with `python -m helpers.commands.train_classifier`.")
+        raise FileNotFoundError(f"No digit classifier at {path}: train it with "
+                                "`python -m helpers.commands.train_classifier`.")
     model = DigitClassifier()
     model.load_state_dict(load_file(path))
     return model.eval()

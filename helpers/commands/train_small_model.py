@@ -1,6 +1,7 @@
 """Train the kit's small teacher (digits-sd) from scratch on the CPU, reproducibly.
 
-    python -m helpers.commands.train_small_model --out helpers/assets/digits-sd [--seed 0] [--vae-steps N] [--unet-steps N]
+    python -m helpers.commands.train_small_model --out helpers/assets/digits-sd [--seed 0] [--vae-steps N]
+                                                 [--unet-steps N]
 
 Stages (fp32, fixed seeds, ``torch.set_num_threads(--threads)``):
 
@@ -349,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "empty_prompt": sm.EMPTY_PROMPT,
         "data": sm.DATA_DESCRIPTION,
         "parameters": params,
-        "training_command": "python -m helpers.commands.train_small_model " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "training_command": "python -m helpers.commands.train_small_model "
+                            + " ".join(argv if argv is not None else os.sys.argv[1:]),
     }
     train_log = {
         "command": kit["training_command"],
