@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from helpers import metrics
 from helpers import small_model as sm
@@ -201,7 +202,6 @@ def main():
     (out / f"{a.variant}.json").write_text(json.dumps(res, indent=1))
     if a.save:
         pipe.to("cpu").save_pretrained(out / f"{a.variant}-pipe", safe_serialization=True)
-        from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(out / f"{a.variant}-clf.safetensors"))
 
 
