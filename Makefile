@@ -3,10 +3,10 @@
 # (after creating .venv as the `venv` recipe does).
 #   make run                          solutions 01-05 end to end on the shipped small model -> out/reference/
 #   make run MODEL=sd15               the same on Stable Diffusion 1.5 (GPU, weights in the HF cache; data: docs/data.md)
-#   make run ARGS="--reduced --only 01,02"   any option of `python -m helpers.reference_run --help`
+#   make run ARGS="--reduced --only 01,02"   any option of `python -m helpers.commands.reference_run --help`
 #   make test [ARGS="-k captions"]    the test suite (pytest)
 #   make release                      regenerate the student notebooks (notebooks/) from solutions/
-#   make lab                          JupyterLab for students on notebooks/ (python -m helpers.lab)
+#   make lab                          JupyterLab for students on notebooks/ (python -m helpers.commands.lab)
 #   make formgrader [GRADES=grades]   JupyterLab with nbgrader's formgrader on `python -m autograder grade ... --out grades`
 #   make venv                         create .venv and install the kit (the targets above do it when needed)
 
@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: venv
-	MPLBACKEND=Agg $(PY) -m helpers.reference_run $(if $(MODEL),--model $(MODEL)) --out $(OUT) $(ARGS)
+	MPLBACKEND=Agg $(PY) -m helpers.commands.reference_run $(if $(MODEL),--model $(MODEL)) --out $(OUT) $(ARGS)
 
 # In CI (CI set) or with BROWSER=1 the browser test's Chromium + Playwright are installed first; elsewhere the
 # browser test skips with a message saying how to run it.
@@ -42,7 +42,7 @@ release: venv
 	$(PY) -m autograder release
 
 lab: venv
-	$(PY) -m helpers.lab $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	$(PY) -m helpers.commands.lab $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 formgrader: venv
 	$(PY) -m autograder.lab --grades $(GRADES) $(ARGS)

@@ -9,7 +9,7 @@ folder first and then from the course root, so this command writes one built fro
 :func:`autograder.config.course_config` (course root ``OUT``, gradebook ``OUT/gradebook.db``) into a folder
 of its own and starts the server there: the kit root's ``nbgrader_config.py`` (course root = the kit, its
 own gradebook) is not read. Localhost only, with a token; the URLs are printed. The kernel setup is the
-student command's (:mod:`helpers.lab`).
+student command's (:mod:`helpers.commands.lab`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from helpers.course import KIT_ROOT
-from helpers.lab import DEFAULT_PORT, QUIET_LAB_PLUGINS, LabSetup, lab_url, make_setup, start_lab
+from helpers.commands.lab import DEFAULT_PORT, QUIET_LAB_PLUGINS, LabSetup, lab_url, make_setup, start_lab
 
 __all__ = ["GRADEBOOK_NAME", "write_formgrader_config", "server_root", "add_arguments", "run", "main"]
 

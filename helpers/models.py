@@ -61,7 +61,7 @@ def resolve_model(model: str | None = None) -> ModelSpec:
         if not meta_file.exists():
             raise FileNotFoundError(
                 f"The kit's small model is missing from {folder}. Restore it with `git checkout -- {folder}` "
-                "or rebuild it with `python -m helpers.train_small_model`."
+                "or rebuild it with `python -m helpers.commands.train_small_model`."
             )
         meta = json.loads(meta_file.read_text())
         return ModelSpec(setting, str(folder), "small", float(meta.get("recommended_guidance_scale", 3.0)),

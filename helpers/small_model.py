@@ -11,7 +11,7 @@ unchanged on SD1.5 and on this model. Only the sizes differ:
   offline from byte-level characters plus merges learned on the prompt templates.
 
 This module holds the architecture (functions that build the *untrained* parts), the offline tokenizer,
-the data set and the prompt templates. ``helpers.train_small_model`` trains it; the trained pipeline ships
+the data set and the prompt templates. ``helpers.commands.train_small_model`` trains it; the trained pipeline ships
 in :data:`SMALL_MODEL_DIR` and loads with
 ``StableDiffusionPipeline.from_pretrained(SMALL_MODEL_DIR, safety_checker=None, requires_safety_checker=False)``.
 """

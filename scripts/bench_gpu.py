@@ -36,8 +36,9 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,23 @@ from typing import Any
 # The kit's train_loop shows a tqdm bar; tqdm reads TQDM_* when it is imported (torch imports it).
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import diffusers  # noqa: E402
+import peft  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kit, also where it is not pip-installed
+
+from autograder.reference import reference  # noqa: E402
+from helpers.device import pick_device  # noqa: E402
+from helpers.models import use_trailing_ddim  # noqa: E402
+from helpers.training import (PROFILES, TrainSettings, add_phase_adapter, lora_config, make_teacher,  # noqa: E402
+                              settings_for, start_phase)
 
 SCHEMA = "cd-kit-bench-gpu/1"
 GIB = 1024**3
@@ -160,8 +175,6 @@ ALL_VARIANTS: dict[str, TrainVariant | SampleVariant] = {v.name: v for v in (*TR
 def current_kit_default(profile: str | None = None) -> str:
     """The variant that matches the kit's SD1.5 settings in a training profile
     (``helpers.training.settings_for('sd15', profile)``; default: the profile this machine would get)."""
-    from helpers.training import settings_for
-
     s = settings_for("sd15", profile)
     name = "kit-original" if (s.student_base, s.teacher) == ("fp32", "separate") else (
         "kit-fp16-shared" if (s.student_base, s.teacher) == ("half", "shared") else "kit-fp16-separate")
@@ -170,8 +183,6 @@ def current_kit_default(profile: str | None = None) -> str:
 
 def kit_defaults() -> dict[str, str]:
     """The variant of each training profile."""
-    from helpers.training import PROFILES
-
     return {profile: current_kit_default(profile) for profile in PROFILES}
 
 
@@ -229,8 +240,6 @@ def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractCon
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run ``fn`` once under ``FlopCounterMode``; return its result and the FLOPs it took (matmuls, convs,
     attention; forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         out = fn()
     return out, int(counter.get_total_flops())
@@ -274,8 +283,6 @@ def model_configs(tiny: bool) -> dict[str, dict[str, Any]]:
 
 def build_unet(config: dict[str, Any], device: torch.device, dtype: torch.dtype):
     """A frozen ``UNet2DConditionModel`` with random weights, created directly on ``device``."""
-    from diffusers import UNet2DConditionModel
-
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(config)
     return unet.to(device=device, dtype=dtype).requires_grad_(False)
@@ -283,8 +290,6 @@ def build_unet(config: dict[str, Any], device: torch.device, dtype: torch.dtype)
 
 def build_scheduler(config: dict[str, Any], device: torch.device):
     """SD1.5's DDIM scheduler with trailing spacing, ``alphas_cumprod`` on ``device`` (as the kit sets it up)."""
-    from diffusers import DDIMScheduler
-
     scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     return scheduler
@@ -293,11 +298,6 @@ def build_scheduler(config: dict[str, Any], device: torch.device):
 def byte_level_tokenizer(max_length: int):
     """A ``CLIPTokenizer`` built offline: the 256 byte-level characters (also with ``</w>``), no merges, plus
     CLIP's start/end tokens. Its ids fit any CLIP vocabulary; tokenizing costs the same as with CLIP's."""
-    import tempfile
-
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
     chars = sorted(ByteLevel.alphabet())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
@@ -309,11 +309,6 @@ def byte_level_tokenizer(max_length: int):
 
 def build_pipeline(configs: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype):
     """A ``StableDiffusionPipeline`` of random-weight components, with the kit's trailing DDIM scheduler."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from helpers.models import use_trailing_ddim
-
     with torch.device(device):
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"]))
@@ -331,69 +326,42 @@ def image_size(configs: dict[str, dict[str, Any]]) -> int:
     return configs["unet"]["sample_size"] * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
 
 
-def lora_settings(tiny: bool):
-    """The kit's SD1.5 training settings (rank 64 on the 14 module kinds); rank 4 for the tiny model."""
-    from helpers.training import settings_for
+PHASE = "cd"  # the adapter's name: the course's consistency-distillation phase
 
+
+def lora_settings(tiny: bool) -> TrainSettings:
+    """The kit's SD1.5 training settings (rank 64 on the 14 module kinds); rank 4 for the tiny model."""
     settings = settings_for("sd15", "course")
     return replace(settings, lora_rank=TINY_LORA_RANK) if tiny else settings
 
 
-def add_kit_lora(unet, settings) -> list[torch.nn.Parameter]:
-    """Put the kit's LoRA adapter on ``unet`` (diffusers' ``add_adapter``, so it stays a UNet); the LoRA
-    weights are trained in fp32. Returns the trainable parameters."""
-    from diffusers.training_utils import cast_training_params
-
-    from helpers.training import lora_config
-
-    unet.add_adapter(lora_config(settings))
-    cast_training_params(unet, dtype=torch.float32)
-    return [p for p in unet.parameters() if p.requires_grad]
+def variant_settings(variant: TrainVariant, settings: TrainSettings) -> TrainSettings:
+    """``settings`` with the variant's student base (fp32 / half), teacher (separate / shared) and gradient
+    checkpointing: the kit's own knobs for what the variant measures."""
+    return replace(settings, student_base=variant.student_base, teacher=variant.teacher,
+                   gradient_checkpointing=variant.checkpointing)
 
 
-@contextlib.contextmanager
-def lora_disabled(layers: list) -> Iterator[None]:
-    """Switch the given peft LoRA layers off for the duration (the teacher = the frozen base)."""
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+class RecordingTeacher(torch.nn.Module):
+    """The kit's teacher (:func:`helpers.training.make_teacher`) as handed to ``get_xs_from_xt_with_teacher``;
+    while ``calls`` is a list, the batch size of every call is appended to it. ``dtype``, ``device``,
+    ``config`` are the teacher's."""
 
-
-class TeacherView(torch.nn.Module):
-    """The teacher handed to ``get_xs_from_xt_with_teacher``.
-
-    With ``disable_lora`` (the "shared frozen base" variants) it calls the student's UNet with its LoRA
-    adapter switched off, so no second copy of the weights exists; otherwise it calls a separate UNet.
-    While ``calls`` is a list, the batch size of every call is appended to it.
-    """
-
-    def __init__(self, unet: torch.nn.Module, disable_lora: bool) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+    def __init__(self, teacher: torch.nn.Module) -> None:
         super().__init__()
-        self.unet = unet
-        self.disable_lora = disable_lora
-        self.lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)] if disable_lora else []
-        if disable_lora and not self.lora_layers:
-            raise ValueError("TeacherView(disable_lora=True) needs a UNet with a LoRA adapter (add_adapter first)")
+        self.teacher = teacher
         self.calls: list[int] | None = None
 
     def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.calls is not None:
             self.calls.append(int(sample.shape[0]))
-        context = lora_disabled(self.lora_layers) if self.disable_lora else contextlib.nullcontext()
-        with context:
-            return self.unet(sample, *args, **kwargs)
+        return self.teacher(sample, *args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:  # dtype, device, config, ... of the wrapped UNet
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("unet"), name)
+            return getattr(super().__getattr__("teacher"), name)
 
 
 # --- The training steps -------------------------------------------------------------------------------------
@@ -407,7 +375,7 @@ class StepSetup:
 
     run: Callable[[int], list[float]]
     student: torch.nn.Module
-    teacher: TeacherView
+    teacher: RecordingTeacher
     optimizer: torch.optim.Optimizer
     trainable: int
     losses: list[float]
@@ -415,8 +383,6 @@ class StepSetup:
 
 def kit_reference() -> dict[str, Callable]:
     """The kit's reference functions (one source of truth: the solution notebooks, via autograder.reference)."""
-    from autograder.reference import reference
-
     names = ("cm_loss_template", "get_xs_from_xt_with_teacher", "pseudo_huber_loss", "train_loop")
     try:
         return {name: reference(name) for name in names}
@@ -427,36 +393,41 @@ def kit_reference() -> dict[str, Callable]:
             "(or point CD_KIT_SOLUTIONS at them).") from err
 
 
-def make_students(variant: TrainVariant, unet_config: dict, device: torch.device, settings
-                  ) -> tuple[torch.nn.Module, TeacherView, list[torch.nn.Parameter]]:
-    """The student (frozen base + fp32 LoRA) and its teacher, as the variant asks."""
+def make_students(variant: TrainVariant, unet_config: dict, device: torch.device, settings: TrainSettings
+                  ) -> tuple[torch.nn.Module, RecordingTeacher, list[torch.nn.Parameter], torch.optim.Optimizer | None]:
+    """The student and its teacher, built as the course notebooks build them with the kit's training functions.
+
+    The base UNet comes in the pipeline's dtype (the autocast dtype on CUDA, fp32 on a CPU); the teacher is
+    :func:`helpers.training.make_teacher` of it (a separate frozen copy, taken before any adapter, or the shared
+    base with the adapters off), and the student's phase is :func:`helpers.training.start_phase` (the base in
+    fp32 or left in half precision, train mode, gradient checkpointing, a new fp32 LoRA adapter, AdamW), all
+    with :func:`variant_settings`. The ``lcm_lora`` baseline wraps its student with peft's ``get_peft_model``
+    instead, as diffusers' script does (and makes its own optimizer: the returned one is None).
+    """
     amp = compute_dtype(variant.amp, device)
-    base_dtype = torch.float32 if variant.student_base == "fp32" else amp
-    student = build_unet(unet_config, device, base_dtype)
+    settings = variant_settings(variant, settings)
+    base = build_unet(unet_config, device, amp)
+    teacher = make_teacher(base, settings)
+    optimizer = None
     if variant.step == "lcm_lora":
-        from peft import get_peft_model
-
-        from helpers.training import lora_config
-
-        student = get_peft_model(student, lora_config(settings))  # as diffusers' script does
+        student = get_peft_model(base.to(torch.float32) if variant.student_base == "fp32" else base,
+                                 lora_config(settings))  # as diffusers' script does
         params = [p for p in student.parameters() if p.requires_grad]
+        if variant.checkpointing:
+            student.enable_gradient_checkpointing()
+        student.train()
     else:
-        params = add_kit_lora(student, settings)
-    if variant.checkpointing:
-        student.enable_gradient_checkpointing()
-    student.train()
-    if variant.teacher == "shared":
-        teacher = TeacherView(student, disable_lora=True)
-    else:
-        teacher = TeacherView(build_unet(unet_config, device, amp).eval(), disable_lora=False)
+        student = base
+        optimizer = start_phase(student, PHASE, settings)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    unets = [student] + ([teacher] if variant.teacher == "separate" else [])  # a shared teacher is the student
     if variant.channels_last:
-        student.to(memory_format=torch.channels_last)
-        teacher.unet.to(memory_format=torch.channels_last)
+        for unet in unets:
+            unet.to(memory_format=torch.channels_last)
     if variant.compile:
-        student.compile()
-        if variant.teacher == "separate":
-            teacher.unet.compile()
-    return student, teacher, params
+        for unet in unets:
+            unet.compile()
+    return student, RecordingTeacher(teacher), params, optimizer
 
 
 def random_batch(batch: int, unet_config: dict, text_config: dict, device: torch.device
@@ -470,18 +441,18 @@ def random_batch(batch: int, unet_config: dict, text_config: dict, device: torch
     return latents, embeds, uncond
 
 
-def kit_runner(variant: TrainVariant, student, teacher: TeacherView, params, scheduler, batch_tensors,
-               settings, device: torch.device, losses: list[float]
+def kit_runner(variant: TrainVariant, student, teacher: RecordingTeacher, optimizer: torch.optim.Optimizer,
+               scheduler, batch_tensors, settings, device: torch.device, losses: list[float]
                ) -> tuple[Callable[[int], list[float]], torch.optim.Optimizer]:
     """The kit's CD training: its ``train_loop`` (autocast, GradScaler, one optimizer step per batch here)
     over ``cm_loss_template`` with the teacher's ``get_xs_from_xt_with_teacher``, the pseudo-Huber loss and
-    one boundary at 0, AdamW on the LoRA weights. A step's time runs from the start of one loss to the next."""
+    one boundary at 0, with ``start_phase``'s AdamW on the LoRA weights. A step's time runs from the start of
+    one loss to the next."""
     ref = kit_reference()
     latents, embeds, uncond = batch_tensors
     get_xs = functools.partial(ref["get_xs_from_xt_with_teacher"], teacher_unet=teacher,
                                guidance_scale=settings.guidance_scale, uncond_prompt_embeds=uncond)
     loss_fn = functools.partial(ref["pseudo_huber_loss"], c=settings.huber_c)
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
 
     def run(steps: int) -> list[float]:
         stamps: list[float] = []
@@ -503,7 +474,7 @@ def kit_runner(variant: TrainVariant, student, teacher: TeacherView, params, sch
     return run, optimizer
 
 
-def lcm_lora_runner(variant: TrainVariant, student, teacher: TeacherView, params, scheduler, batch_tensors,
+def lcm_lora_runner(variant: TrainVariant, student, teacher: RecordingTeacher, params, scheduler, batch_tensors,
                     settings, device: torch.device, losses: list[float]
                     ) -> tuple[Callable[[int], list[float]], torch.optim.Optimizer]:
     """Steps as diffusers' ``train_lcm_distill_lora_sd_wds.py`` writes them (latents given): 50-step DDIM
@@ -542,7 +513,7 @@ def lcm_lora_runner(variant: TrainVariant, student, teacher: TeacherView, params
         skip, out = boundary(start)
         model_pred = skip * x + out * x0_of(eps, x, start)
         with torch.no_grad(), autocast(dtype, device):
-            tdt = teacher.unet.dtype
+            tdt = teacher.dtype
             eps_c = teacher(x.to(tdt), start, encoder_hidden_states=embeds.to(tdt)).sample.float()
             eps_u = teacher(x.to(tdt), start, encoder_hidden_states=uncond.to(tdt)).sample.float()
             x0_c, x0_u = x0_of(eps_c, x, start), x0_of(eps_u, x, start)
@@ -576,12 +547,16 @@ def lcm_lora_runner(variant: TrainVariant, student, teacher: TeacherView, params
 def setup_train(variant: TrainVariant, batch: int, configs: dict, device: torch.device, tiny: bool) -> StepSetup:
     """Build the models, data and step runner of one training measurement."""
     settings = lora_settings(tiny)
-    student, teacher, params = make_students(variant, configs["unet"], device, settings)
+    student, teacher, params, optimizer = make_students(variant, configs["unet"], device, settings)
     scheduler = build_scheduler(configs["scheduler"], device)
     tensors = random_batch(batch, configs["unet"], configs["text"], device)
-    make = lcm_lora_runner if variant.step == "lcm_lora" else kit_runner
     losses: list[float] = []
-    run, optimizer = make(variant, student, teacher, params, scheduler, tensors, settings, device, losses)
+    if variant.step == "lcm_lora":
+        run, optimizer = lcm_lora_runner(variant, student, teacher, params, scheduler, tensors, settings, device,
+                                         losses)
+    else:
+        run, optimizer = kit_runner(variant, student, teacher, optimizer, scheduler, tensors, settings, device,
+                                    losses)
     return StepSetup(run, student, teacher, optimizer, sum(p.numel() for p in params), losses)
 
 
@@ -634,8 +609,6 @@ def measure_train(variant: TrainVariant, batch: int, configs: dict, device: torc
 # --- Sampling -----------------------------------------------------------------------------------------------
 def kit_sampler() -> Callable:
     """The kit's reference ``consistency_sampling``."""
-    from autograder.reference import reference
-
     try:
         return reference("consistency_sampling")
     except (FileNotFoundError, KeyError, LookupError) as err:
@@ -647,9 +620,7 @@ def setup_pipeline(variant: SampleVariant, configs: dict, device: torch.device, 
     dtype = compute_dtype("fp16", device)
     pipe = build_pipeline(configs, device, dtype)
     if variant.lora:
-        from helpers.training import lora_config
-
-        pipe.unet.add_adapter(lora_config(lora_settings(tiny)))
+        add_phase_adapter(pipe.unet, PHASE, lora_settings(tiny))  # the kit's adapter, unfused
         pipe.unet.to(dtype)  # inference in the pipeline's dtype
     if variant.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
@@ -724,10 +695,6 @@ def measure_matmul(device: torch.device, n: int) -> dict[str, Any]:
 # --- The run ------------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     """Device, software versions and date for the JSON."""
-    import diffusers
-    import peft
-    import transformers
-
     info: dict[str, Any] = {"type": device.type, "name": platform.processor() or platform.machine()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -933,8 +900,6 @@ def table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; writes ``args.out`` after every measurement."""
-    from helpers.device import pick_device
-
     budget = Budget(args.time_budget_s)
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # autotune convolution kernels per shape
@@ -1015,9 +980,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def quiet_libraries() -> None:
     """Only errors from diffusers and transformers (random-weight models make them chatty)."""
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 

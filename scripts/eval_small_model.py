@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared CPU
 
+import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +37,12 @@ if str(ROOT) not in sys.path:
 from helpers import metrics  # noqa: E402
 from helpers import small_model as sm  # noqa: E402
 from helpers.device import cpu_name  # noqa: E402
+from helpers.models import use_trailing_ddim  # noqa: E402
 
 
 def load_pipeline(folder: Path):
+    # lazy: main() times the import of diffusers and transformers on its own (the "import" figure)
     from diffusers import StableDiffusionPipeline
-
-    from helpers.models import use_trailing_ddim
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -62,8 +63,6 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidan
 
 def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, titles: list[str]) -> None:
     """One labelled row of images per entry of ``rows``."""
-    import matplotlib.pyplot as plt
-
     ncols = rows[0][1].shape[0]
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.1 * ncols, 1.25 * len(rows) + 0.3), squeeze=False)
     for r, (label, imgs) in enumerate(rows):
@@ -105,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (c1) load time: one warm-up load (imports, file cache), then the median of timed loads
     t0 = time.perf_counter()
-    from diffusers import StableDiffusionPipeline  # noqa: F401  (lazy modules: import them outside the timing)
+    # lazy: timed here, apart from the load (diffusers and transformers load their modules on first use)
+    from diffusers import StableDiffusionPipeline  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
     import_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from helpers import metrics
 from helpers import small_model as sm
-from helpers import train_small_model as tsm
+from helpers.commands import train_classifier as tc
+from helpers.commands import train_small_model as tsm
 
 @dataclass(frozen=True)
 class Variant:
@@ -113,7 +115,7 @@ def compose(m: torch.Tensor, g: torch.Generator, bg: str, ink) -> torch.Tensor:
 def train_variant_classifier(spec, device, seed=0, epochs=40):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = metrics.digit_split(seed=0)
+    x_tr, y_tr, x_te, y_te = tc.digit_split(seed=0)
     if spec is not None:
         x_te = spec.draw(x_te, torch.Generator().manual_seed(99))
     model = metrics.DigitClassifier().to(device)
@@ -127,9 +129,9 @@ def train_variant_classifier(spec, device, seed=0, epochs=40):
         for i in range(0, len(perm), bs):
             j = perm[i:i + bs]
             if spec is None:
-                xb = metrics._augment(x_tr[j], g)
+                xb = tc._augment(x_tr[j], g)
             else:  # the variant already moves the digits: only the photometric part of the kit's augmentation
-                xb = metrics._photometric(spec.draw(x_tr[j], g).mean(dim=1, keepdim=True), g)
+                xb = tc._photometric(spec.draw(x_tr[j], g).mean(dim=1, keepdim=True), g)
             xb = metrics._stretch(xb)
             loss = F.cross_entropy(model(xb.to(device)), y_tr[j].to(device), label_smoothing=0.05)
             opt.zero_grad()
@@ -200,7 +202,6 @@ def main():
     (out / f"{a.variant}.json").write_text(json.dumps(res, indent=1))
     if a.save:
         pipe.to("cpu").save_pretrained(out / f"{a.variant}-pipe", safe_serialization=True)
-        from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(out / f"{a.variant}-clf.safetensors"))
 
 

@@ -1,5 +1,5 @@
 """scripts/bench_gpu.py: the tiny CPU run writes a complete, self-consistent JSON; the pieces it is built
-from (SD1.5 configs, the teacher view of a shared base) do what they claim."""
+from (SD1.5 configs, students and teachers from the kit's start_phase / make_teacher) do what they claim."""
 from __future__ import annotations
 
 import datetime
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import training
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_gpu.py"
@@ -192,29 +194,33 @@ def test_sd15_configs_have_sd15_parameter_counts():
     assert count(text) == 123_060_480
 
 
-def _tiny_lora_unet():
+def _tiny_students(variant: str):
+    """A variant's student and teacher as the benchmark builds them, with a trained-looking adapter (lora_B
+    starts at zero, which would hide a teacher that still runs the adapter)."""
     torch.manual_seed(0)
-    unet = bench.build_unet(bench.TINY_UNET, torch.device("cpu"), torch.float32)
-    bench.add_kit_lora(unet, bench.lora_settings(tiny=True))
-    with torch.no_grad():  # a trained adapter (lora_B starts at zero, which would hide a wrong view)
-        for name, p in unet.named_parameters():
+    student, teacher, params, optimizer = bench.make_students(bench.ALL_VARIANTS[variant], bench.TINY_UNET,
+                                                              torch.device("cpu"), bench.lora_settings(tiny=True))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    return unet.eval()
+    return student.eval(), teacher, params, optimizer
 
 
-def test_teacher_view_is_the_base_without_lora_and_restores_the_student():
-    unet = _tiny_lora_unet()
+def _tiny_inputs():
     cfg = bench.TINY_UNET
-    x = torch.randn(2, 4, cfg["sample_size"], cfg["sample_size"])
-    t = torch.tensor([999, 499])
-    emb = torch.randn(2, 77, cfg["cross_attention_dim"])
+    return (torch.randn(2, 4, cfg["sample_size"], cfg["sample_size"]), torch.tensor([999, 499]),
+            torch.randn(2, 77, cfg["cross_attention_dim"]))
+
+
+def test_shared_teacher_is_the_base_without_lora_and_restores_the_student():
+    unet, teacher, params, _ = _tiny_students("kit-fp16-shared")
+    x, t, emb = _tiny_inputs()
     with torch.no_grad():
         student = unet(x, t, encoder_hidden_states=emb).sample
         unet.disable_adapters()  # diffusers' own switch, as the reference for "LoRA off"
         base = unet(x, t, encoder_hidden_states=emb).sample
         unet.enable_adapters()
-        teacher = bench.TeacherView(unet, disable_lora=True)
         teacher.calls = []
         viewed = teacher(x, t, encoder_hidden_states=emb).sample
         after = unet(x, t, encoder_hidden_states=emb).sample
@@ -224,12 +230,67 @@ def test_teacher_view_is_the_base_without_lora_and_restores_the_student():
     assert all(p.requires_grad for n, p in unet.named_parameters() if "lora_" in n), "LoRA must stay trainable"
     assert teacher.calls == [2]
     assert teacher.dtype == unet.dtype and teacher.config is unet.config
+    assert not list(teacher.parameters()), "a shared teacher holds no weights of its own"
 
 
-def test_teacher_view_refuses_a_unet_without_adapter():
-    unet = bench.build_unet(bench.TINY_UNET, torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match="add_adapter"):
-        bench.TeacherView(unet, disable_lora=True)
+def test_separate_teacher_is_a_frozen_copy_of_the_base():
+    unet, teacher, _, _ = _tiny_students("kit-original")
+    x, t, emb = _tiny_inputs()
+    with torch.no_grad():
+        unet.disable_adapters()
+        base = unet(x, t, encoder_hidden_states=emb).sample
+        unet.enable_adapters()
+        viewed = teacher(x, t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(viewed, base)
+    assert teacher.teacher is not unet and not any(p.requires_grad for p in teacher.parameters())
+    assert not training.adapter_names(teacher.teacher), "the teacher copy is taken before the adapter"
+
+
+@pytest.mark.parametrize("variant", ["kit-original", "kit-original-ckpt", "kit-fp16-shared", "lcm-lora-baseline"])
+def test_students_and_teachers_come_from_the_kits_training_functions(monkeypatch, variant):
+    """make_students calls helpers.training's make_teacher and start_phase (not a copy of them) with the
+    variant's settings; the peft baseline only takes the kit's teacher."""
+    assert bench.make_teacher is training.make_teacher and bench.start_phase is training.start_phase
+    calls: list[tuple] = []
+
+    def recording(name, fn):
+        def wrapper(unet, *args, **kwargs):
+            calls.append((name, unet, args, kwargs))
+            return fn(unet, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(bench, "make_teacher", recording("make_teacher", training.make_teacher))
+    monkeypatch.setattr(bench, "start_phase", recording("start_phase", training.start_phase))
+    v = bench.ALL_VARIANTS[variant]
+    student, teacher, params, optimizer = bench.make_students(v, bench.TINY_UNET, torch.device("cpu"),
+                                                              bench.lora_settings(tiny=True))
+    names = [c[0] for c in calls]
+    assert names == (["make_teacher"] if v.step == "lcm_lora" else ["make_teacher", "start_phase"])
+    settings = calls[0][2][0]
+    assert (settings.teacher, settings.student_base, settings.gradient_checkpointing) == \
+        (v.teacher, v.student_base, v.checkpointing)
+    assert settings.lora_rank == bench.TINY_LORA_RANK
+    if v.step != "lcm_lora":
+        _, unet, (phase, phase_settings), _ = calls[1]
+        assert unet is student and phase == bench.PHASE and phase_settings == settings
+        assert training.adapter_names(student) == [bench.PHASE]
+        assert {id(p) for p in params} == {id(p) for p in training.trainable_parameters(student)}
+        assert optimizer is not None and student.is_gradient_checkpointing == v.checkpointing
+    assert isinstance(teacher, bench.RecordingTeacher)
+    assert isinstance(teacher.teacher, training.SharedBaseTeacher) == (v.teacher == "shared")
+
+
+def test_sampling_adapter_is_the_kits(monkeypatch):
+    calls = []
+
+    def recording(unet, name, settings):
+        calls.append(name)
+        return training.add_phase_adapter(unet, name, settings)
+
+    monkeypatch.setattr(bench, "add_phase_adapter", recording)
+    pipe = bench.setup_pipeline(bench.ALL_VARIANTS["sample-fp16-lora"], bench.model_configs(tiny=True),
+                                torch.device("cpu"), tiny=True)
+    assert calls == [bench.PHASE] and training.adapter_names(pipe.unet) == [bench.PHASE]
 
 
 def test_unknown_variant_is_a_clear_error(capsys):

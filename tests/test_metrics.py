@@ -8,16 +8,17 @@ import torch
 from PIL import Image
 
 from helpers import metrics
+from helpers.commands.train_classifier import digit_split
 
 
 @pytest.fixture(scope="module")
 def held_out():
-    _, _, x_te, y_te = metrics.digit_split(seed=0)
+    _, _, x_te, y_te = digit_split(seed=0)
     return x_te, y_te
 
 
 def test_shipped_classifier_files_exist_and_record_accuracy():
-    assert metrics.CLASSIFIER_PATH.exists(), "run `python -m helpers.metrics --train`"
+    assert metrics.CLASSIFIER_PATH.exists(), "run `python -m helpers.commands.train_classifier`"
     info = json.loads(metrics.CLASSIFIER_INFO_PATH.read_text())
     assert info["held_out_accuracy"] >= 0.9
 

@@ -1,4 +1,4 @@
-"""The reference run (helpers.reference_run): the runner's mechanics on small synthetic courses, its
+"""The reference run (helpers.commands.reference_run): the runner's mechanics on small synthetic courses, its
 consistency checks, and the real reduced run of the kit's solution notebooks end to end."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers import reference_run as rr
+from helpers.commands import reference_run as rr
+from helpers.commands.reference_run import render
 from helpers.course import ASSIGNMENTS, KIT_ROOT
 
 SETUP = ("from helpers.config import KitConfig\n"
@@ -179,7 +180,7 @@ def test_gap_closed_by_hand_and_undefined_cases():
     assert set(rr.gap_closed(samplers).values()) == {None}
     samplers["teacher_ddim4"]["prompt_accuracy"] = 1.0  # the 4-step teacher better than the 50-step one
     assert set(rr.gap_closed(samplers).values()) == {None}
-    assert "no accuracy gap to close" in "\n".join(rr._metrics_section(samplers))
+    assert "no accuracy gap to close" in "\n".join(render._metrics_section(samplers))
 
 
 def test_report_says_which_students_beat_the_4_step_teacher():
@@ -188,7 +189,7 @@ def test_report_says_which_students_beat_the_4_step_teacher():
                 "cd_4": {"prompt_accuracy": 0.75, "fidelity_psnr_db": 21.5},
                 "ct_4": {"prompt_accuracy": 0.75, "fidelity_psnr_db": 12.0},
                 "multi_cd_4_pipe": {"prompt_accuracy": 0.5, "fidelity_psnr_db": 19.0}}
-    table = "\n".join(rr._metrics_section(samplers))
+    table = "\n".join(render._metrics_section(samplers))
     assert "| `cd_4` | 0.750 | 21.50 | 62 % | +0.250, +1.50 dB: beats it on both |" in table
     assert "| `ct_4` | 0.750 | 12.00 | 62 % | +0.250, -8.00 dB: beats it on accuracy |" in table
     assert "| `multi_cd_4_pipe` | 0.500 | 19.00 | 0 % | +0.000, -1.00 dB: does not beat it |" in table
@@ -218,3 +219,14 @@ def test_reduced_reference_run_of_the_kits_notebooks(tmp_path, capsys):
     if len(present) == len(ASSIGNMENTS):  # the course is complete: every sampler and the report table
         assert set(rr.EXPECTED_SAMPLERS) <= set(data["samplers"])
         assert all(f"| `{s}` |" in report.read_text() for s in rr.EXPECTED_SAMPLERS)
+
+
+def test_kernel_env_carries_the_run_settings_and_drops_nbgrader():
+    from helpers.commands.reference_run.execute import kernel_env
+    from helpers.config import KitConfig
+
+    base = {"PATH": "/usr/bin", "NBGRADER_EXECUTION": "autograde", "CD_KIT_REDUCED": "1", "MPLBACKEND": "TkAgg"}
+    env = kernel_env(KitConfig(model="small", out="/tmp/o"), base)
+    assert env == {"PATH": "/usr/bin", "CD_KIT_MODEL": "small", "CD_KIT_OUT": "/tmp/o", "MPLBACKEND": "Agg"}
+    env = kernel_env(KitConfig(model="sd15", out="/tmp/o", reduced=True, execution="validate"), base)
+    assert env["CD_KIT_REDUCED"] == "1" and "NBGRADER_EXECUTION" not in env and env["CD_KIT_MODEL"] == "sd15"

@@ -1,6 +1,6 @@
 """Driving the kit's JupyterLab commands and headless Chromium from the browser test.
 
-* :func:`running_lab` starts a command (``python -m helpers.lab`` / ``python -m autograder.lab``) as a
+* :func:`running_lab` starts a command (``python -m helpers.commands.lab`` / ``python -m autograder.lab``) as a
   user would, reads the URL it prints, waits until the server answers, and stops it afterwards.
 * :func:`chromium_page` launches the Debian Chromium (``/usr/bin/chromium``) through Playwright with a
   fresh profile and the flags that keep it off the network; Playwright never downloads a browser.

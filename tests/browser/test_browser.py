@@ -1,6 +1,6 @@
 """End to end in a real browser (headless Debian Chromium driven by Playwright):
 
-1. a student starts JupyterLab with ``python -m helpers.lab``, opens ``02_ddim_step``, types the two
+1. a student starts JupyterLab with ``python -m helpers.commands.lab``, opens ``02_ddim_step``, types the two
    answers (the reference solutions), runs all cells, sees the tests pass, presses *Validate* and sees
    success;
 2. the instructor grades that notebook with ``python -m autograder grade``, starts JupyterLab with
@@ -25,7 +25,7 @@ import nbformat
 import pytest
 
 from helpers.course import KIT_ROOT, assignment
-from helpers.lab import KERNEL_DISPLAY_NAME
+from helpers.commands.lab import KERNEL_DISPLAY_NAME
 from helpers.notebook_functions import answer_cells
 
 import lab_session as ui
@@ -193,7 +193,7 @@ def test_student_validates_and_instructor_sees_the_score(tmp_path, shots):
     notebooks = student_copy(tmp_path)
     timings = ui.Timings(shots / "timings.json")
     with ui.chromium_page(tmp_path / "chromium-profile") as page:
-        student_cmd = ["-m", "helpers.lab", "student", "--notebooks", str(notebooks), "--no-browser"]
+        student_cmd = ["-m", "helpers.commands.lab", "student", "--notebooks", str(notebooks), "--no-browser"]
         start = time.monotonic()
         with ui.running_lab(student_cmd, env, shots / "student_lab.log") as lab:
             timings.record("student lab start", start)

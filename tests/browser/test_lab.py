@@ -13,8 +13,8 @@ import nbformat
 import pytest
 
 from helpers.course import ASSIGNMENTS, KIT_ROOT
-from helpers.lab import (HOST, KERNEL_NAME, LabSetup, lab_argv, lab_environment, lab_url, trust_notebooks,
-                         write_kernelspec, write_student_config)
+from helpers.commands.lab import (HOST, KERNEL_NAME, LabSetup, lab_argv, lab_environment, lab_url,
+                                  trust_notebooks, write_kernelspec, write_student_config)
 
 
 @pytest.fixture()
@@ -134,7 +134,7 @@ def test_formgrader_reads_the_generated_config_not_the_kits(jupyter_home, tmp_pa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-m", "helpers.lab", "--notebooks", "{tmp}", "--no-browser"], "python -m autograder release"),
+    (["-m", "helpers.commands.lab", "--notebooks", "{tmp}", "--no-browser"], "python -m autograder release"),
     (["-m", "autograder.lab", "--grades", "{tmp}", "--no-browser"], "python -m autograder grade"),
     (["-m", "autograder.lab", "--no-browser"], "--grades OUT"),
 ])

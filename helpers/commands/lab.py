@@ -1,4 +1,4 @@
-"""Start JupyterLab for a student: ``python -m helpers.lab [student] [--port N] [--model M] [--no-browser]``.
+"""Start JupyterLab for a student: ``python -m helpers.commands.lab [student] [--port N] [--model M] [--no-browser]``.
 
 What it sets up before JupyterLab starts (nothing here is grading code):
 
@@ -28,7 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
+from nbformat.sign import NotebookNotary
+
+from helpers.config import KitConfig
 from helpers.course import KIT_ROOT
+from helpers.models import resolve_model
 
 __all__ = ["LabSetup", "KERNEL_NAME", "KERNEL_DISPLAY_NAME", "write_kernelspec", "write_student_config",
            "trust_notebooks", "find_free_port", "make_setup", "lab_environment", "lab_argv", "lab_url", "start_lab",
@@ -104,9 +109,6 @@ def trust_notebooks(folder: str | Path) -> list[Path]:
     A notebook without outputs has nothing that runs on opening, so trusting it is safe; notebooks with
     outputs are left as they are (the server signs a student's own notebooks when they are saved).
     """
-    import nbformat
-    from nbformat.sign import NotebookNotary
-
     notary = NotebookNotary()
     signed: list[Path] = []
     for path in _notebooks(Path(folder)):
@@ -178,6 +180,8 @@ def start_lab(setup: LabSetup, open_browser: bool, banner: list[str]) -> int:
     os.environ.update(env)
     os.chdir(setup.cwd)
     print("\n".join(banner), flush=True)
+    # lazy: only starting the server needs Jupyter's server stack (heavy), and it then loads under the
+    # environment set just above
     from jupyterlab.labapp import LabApp
 
     LabApp.launch_instance(argv=lab_argv(setup, open_browser))
@@ -185,8 +189,6 @@ def start_lab(setup: LabSetup, open_browser: bool, banner: list[str]) -> int:
 
 
 def _describe_model(model: str | None) -> str:
-    from helpers.models import resolve_model
-
     try:
         spec = resolve_model(model)
     except (FileNotFoundError, OSError, ValueError) as err:
@@ -196,8 +198,9 @@ def _describe_model(model: str | None) -> str:
 
 def make_setup(root_dir: Path, runtime: Path, port: int | None, token: str | None, model: str | None,
                cwd: Path = KIT_ROOT) -> LabSetup:
-    """Generate the kernelspec under ``runtime`` and choose port and token (given ones win)."""
-    model = model or os.environ.get("CD_KIT_MODEL") or None
+    """Generate the kernelspec under ``runtime`` and choose port and token (given ones win; the token
+    otherwise from ``$JUPYTER_TOKEN``, which is Jupyter's variable, not a kit setting). ``model``: the
+    setting passed on to the kernels (None: they inherit the environment's)."""
     write_kernelspec(runtime / "data")
     (runtime / "config").mkdir(parents=True, exist_ok=True)
     token = token or os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
@@ -205,7 +208,7 @@ def make_setup(root_dir: Path, runtime: Path, port: int | None, token: str | Non
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.lab", description="Start JupyterLab for a student "
+    p = argparse.ArgumentParser(prog="python -m helpers.commands.lab", description="Start JupyterLab for a student "
                                 "on the course notebooks (localhost only; prints the URL with its token).")
     p.add_argument("role", nargs="?", default="student", choices=["student"],
                    help="only 'student' here; instructors use `python -m autograder.lab`")
@@ -220,13 +223,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    config = KitConfig.from_environ()  # the kit's settings, read once here
     notebooks = args.notebooks.resolve()
     if not any(notebooks.glob("*/*.ipynb")):
         print(f"No assignment notebooks under {notebooks}. Generate them with `python -m autograder release`, "
               "or pass --notebooks with the folder that holds your assignment folders.", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="cd-kit-lab-") as tmp:
-        setup = make_setup(notebooks, Path(tmp), args.port, args.token, args.model)
+        setup = make_setup(notebooks, Path(tmp), args.port, args.token, args.model or config.model)
         write_student_config(setup.runtime / "config")
         return start_lab(setup, not args.no_browser, _student_banner(setup, len(trust_notebooks(notebooks))))
 

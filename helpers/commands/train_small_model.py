@@ -1,6 +1,7 @@
 """Train the kit's small teacher (digits-sd) from scratch on the CPU, reproducibly.
 
-    python -m helpers.train_small_model --out helpers/assets/digits-sd [--seed 0] [--vae-steps N] [--unet-steps N]
+    python -m helpers.commands.train_small_model --out helpers/assets/digits-sd [--seed 0] [--vae-steps N]
+                                                 [--unet-steps N]
 
 Stages (fp32, fixed seeds, ``torch.set_num_threads(--threads)``):
 
@@ -12,7 +13,8 @@ Stages (fp32, fixed seeds, ``torch.set_num_threads(--threads)``):
    prediction under SD1.5's noise schedule, a random prompt template per sample and 10 % of the prompts
    replaced by the empty prompt "" (for classifier-free guidance); AdamW, warmup + cosine lr, EMA weights;
 4. the guidance scale is chosen by measurement: 50-step DDIM samples at several scales are scored with
-   the kit's digit classifier (trained first with ``helpers.metrics.train_classifier`` if it is missing);
+   the kit's digit classifier (trained first with :func:`helpers.commands.train_classifier.train_classifier`
+   if it is missing);
 5. the pipeline is saved (safetensors) with ``training_log.json`` and ``kit_model.json``.
 """
 from __future__ import annotations
@@ -32,12 +34,17 @@ from pathlib import Path
 # Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
+import tokenizers  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from helpers import metrics  # noqa: E402
 from helpers import small_model as sm  # noqa: E402
+from helpers.commands.train_classifier import train_classifier  # noqa: E402
 from helpers.device import cpu_name  # noqa: E402
 
 __all__ = ["train_vae", "encode_dataset", "train_unet", "sample_digits", "sweep_guidance", "main"]
@@ -227,15 +234,13 @@ def sweep_guidance(pipe, scales: Sequence[float], per_digit: int = 10, num_infer
                    seed: int = 1234) -> list[dict]:
     """Prompt accuracy (and sharpness) of ``num_inference_steps``-step DDIM samples at each guidance scale,
     ``per_digit`` samples per digit, prompts cycling through all templates, the same noise for every scale."""
-    from helpers.metrics import prompt_accuracy, sharpness
-
     digits = [d for d in range(10) for _ in range(per_digit)]
     rows = []
     for w in scales:
         t0 = time.time()
         imgs = sample_digits(pipe, digits, w, num_inference_steps, seed=seed, template_index=None)
-        rows.append({"guidance_scale": w, "prompt_accuracy": round(prompt_accuracy(imgs, digits), 4),
-                     "sharpness": round(sharpness(imgs), 4), "seconds": round(time.time() - t0, 1)})
+        rows.append({"guidance_scale": w, "prompt_accuracy": round(metrics.prompt_accuracy(imgs, digits), 4),
+                     "sharpness": round(metrics.sharpness(imgs), 4), "seconds": round(time.time() - t0, 1)})
         print(f"  guidance {w}: accuracy {rows[-1]['prompt_accuracy']:.3f}  ({rows[-1]['seconds']} s)", flush=True)
     return rows
 
@@ -277,13 +282,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     load_start = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from helpers import metrics
-
     timings: dict[str, float] = {}
     if not metrics.CLASSIFIER_PATH.exists():
-        print("Training the digit classifier first (python -m helpers.metrics --train) ...", flush=True)
+        print("Training the digit classifier first (python -m helpers.commands.train_classifier) ...", flush=True)
         t0 = time.time()
-        metrics.train_classifier(seed=0)
+        train_classifier(seed=0)
         timings["classifier_s"] = round(time.time() - t0, 1)
 
     t0 = time.time()
@@ -347,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "empty_prompt": sm.EMPTY_PROMPT,
         "data": sm.DATA_DESCRIPTION,
         "parameters": params,
-        "training_command": "python -m helpers.train_small_model " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "training_command": "python -m helpers.commands.train_small_model "
+                            + " ".join(argv if argv is not None else os.sys.argv[1:]),
     }
     train_log = {
         "command": kit["training_command"],
@@ -378,10 +382,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
-    import tokenizers
-    import transformers
-
     return {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__}
 

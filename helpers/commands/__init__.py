@@ -1,0 +1,9 @@
+"""Command-line tools; notebooks never import this package.
+
+* ``python -m helpers.commands.reference_run`` -- execute the solution notebooks, check and report the run;
+* ``python -m helpers.commands.train_small_model`` -- train the shipped small teacher (digits-sd);
+* ``python -m helpers.commands.train_classifier`` -- train the digit classifier behind ``prompt_accuracy``;
+* ``python -m helpers.commands.lab`` -- JupyterLab for a student (``make lab``).
+
+What the notebooks import lives in :mod:`helpers` itself.
+"""

@@ -1,0 +1,100 @@
+"""Rendering a reference run's ``report.md``: notebooks, metrics table, figures, timings, settings,
+environment and the consistency checks."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from helpers.commands.reference_run.check import EXPECTED_SAMPLERS, FEW_STEP, REFERENCE, _number, gap_closed
+from helpers.commands.reference_run.execute import NotebookResult
+
+__all__ = ["render_report"]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    number = _number(value)
+    return "—" if number is None else f"{number:.{digits}f}"
+
+
+def _cell(value: Any) -> str:
+    """An extra column's value: integers as they are, other numbers with 3 decimals, anything else as text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _fmt(value) if _number(value) is not None else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _versus_few_step(samplers: dict[str, dict], name: str) -> str:
+    """A student against the 4-step teacher: the differences in accuracy and PSNR, and whether it beats it on
+    both (higher accuracy and higher PSNR) — the distillation's aim."""
+    if name in (REFERENCE, FEW_STEP) or FEW_STEP not in samplers:
+        return "—"
+    acc, psnr = (_number(samplers[name].get(k)) for k in ("prompt_accuracy", "fidelity_psnr_db"))
+    acc4, psnr4 = (_number(samplers[FEW_STEP].get(k)) for k in ("prompt_accuracy", "fidelity_psnr_db"))
+    if None in (acc, psnr, acc4, psnr4):
+        return "—"
+    verdict = "beats it on both" if acc > acc4 and psnr > psnr4 else (
+        "beats it on PSNR" if psnr > psnr4 else ("beats it on accuracy" if acc > acc4 else "does not beat it"))
+    return f"{acc - acc4:+.3f}, {psnr - psnr4:+.2f} dB: {verdict}"
+
+
+def _metrics_section(samplers: dict[str, dict]) -> list[str]:
+    if not samplers:
+        return ["No sampler metrics were recorded."]
+    gaps = gap_closed(samplers)
+    names = [s for s in EXPECTED_SAMPLERS if s in samplers] + sorted(set(samplers) - set(EXPECTED_SAMPLERS))
+    extra = sorted({k for m in samplers.values() for k in m} - {"prompt_accuracy", "fidelity_psnr_db"})
+    rows = [[f"`{n}`", _fmt(samplers[n].get("prompt_accuracy")), _fmt(samplers[n].get("fidelity_psnr_db"), 2),
+             "—" if n in (REFERENCE, FEW_STEP) or gaps[n] is None else f"{100 * gaps[n]:.0f} %",
+             _versus_few_step(samplers, n)]
+            + [_cell(samplers[n].get(k, "—")) for k in extra] for n in names]
+    lines = _table(["sampler", "prompt accuracy", f"fidelity PSNR vs `{REFERENCE}` (dB)", "gap closed",
+                    f"vs `{FEW_STEP}`: accuracy, PSNR", *extra], rows)
+    absent = [s for s in EXPECTED_SAMPLERS if s not in samplers]
+    if absent:
+        lines += ["", f"Not recorded: {', '.join(f'`{s}`' for s in absent)}."]
+    if REFERENCE in samplers and FEW_STEP in samplers and all(g is None for g in gaps.values()):
+        lines += ["", f"Gap closed is undefined: `{FEW_STEP}` is at least as accurate as `{REFERENCE}` "
+                      f"({_fmt(samplers[FEW_STEP].get('prompt_accuracy'))} vs "
+                      f"{_fmt(samplers[REFERENCE].get('prompt_accuracy'))}), so there is no accuracy gap to close; "
+                      "fidelity (PSNR) still shows how far each sampler is from the 50-step teacher."]
+    return lines + ["", f"*Gap closed*: share of the prompt-accuracy gap between `{FEW_STEP}` and `{REFERENCE}` "
+                        "that a student closes (100 % = as accurate as the 50-step teacher). Fidelity: PSNR against "
+                        f"`{REFERENCE}` images from the same initial noise (identical images = the cap)."]
+
+
+def render_report(data: dict[str, Any], results: Sequence[NotebookResult], problems: Sequence[str],
+                  figures: Sequence[str]) -> str:
+    """The Markdown report of a run: notebooks, metrics table, figures, timings, settings, environment,
+    consistency checks. ``figures``: paths relative to the report's folder."""
+    run_info = data.get("run", {})
+    lines = [f"# Reference run — {run_info.get('model', '?')}" + (" (reduced)" if run_info.get("reduced") else ""),
+             "", f"Started {run_info.get('started', '?')}; {sum(r.wall_s or 0 for r in results):.0f} s in notebooks. "
+             + ("All checks passed." if not problems else f"**{len(problems)} problem(s)**, see the end."),
+             "", "## Notebooks", ""]
+    lines += _table(["assignment", "status", "wall time (s)", "executed copy"],
+                    [[r.assignment, r.status + (f": {r.error}" if r.error else ""), _fmt(r.wall_s, 1),
+                      f"[{Path(r.notebook).name}]({r.notebook})" if r.status in ("ok", "failed") else "—"]
+                     for r in results])
+    missing = [r.assignment for r in results if r.status == "missing"]
+    if missing:
+        lines += ["", f"Missing from `solutions/` (not run): {', '.join(missing)}."]
+    lines += ["", "## Metrics", "", *_metrics_section(data.get("samplers") or {}), "", "## Figures", ""]
+    lines += [f"### {Path(f).stem}\n\n![{Path(f).stem}]({f})\n" for f in figures] or ["No figures were saved."]
+    timings = data.get("timings_s") or {}
+    lines += ["", "## Timings", ""]
+    lines += _table(["phase", "seconds"], [[p, _fmt(s, 1)] for p, s in timings.items()]) if timings else \
+        ["No phase timings were recorded."]
+    lines += ["", "## Settings", "", "```json", json.dumps({"run": run_info, **(data.get("settings") or {})},
+                                                           indent=2, sort_keys=True), "```",
+              "", "## Environment", ""]
+    lines += _table(["", ""], list((data.get("environment") or {}).items()))
+    lines += ["", "## Consistency checks", ""]
+    lines += [f"- {p}" for p in problems] or ["All checks passed."]
+    return "\n".join(lines) + "\n"
