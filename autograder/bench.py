@@ -44,7 +44,7 @@ def bench(copies: int = 4, workers: int | None = None, assignments: Iterable[str
     """Grade ``copies`` reference students serially and with ``workers`` workers; print and return the
     submissions per minute of each run."""
     from autograder.grade import default_workers, grade
-    from autograder.reference import SOLUTIONS_DIR
+    from helpers.course import SOLUTIONS_DIR
 
     source = Path(source_dir or SOLUTIONS_DIR)
     workers = workers or default_workers()

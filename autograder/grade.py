@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autograder.config import CELL_TIMEOUT_S, COURSE_ID, MAX_OUTPUT_BYTES, course_config
+from autograder.types import CellRow, CourseStructure, Status
+from helpers.course import KIT_ROOT, SOLUTIONS_DIR
 from autograder.worker import Result, Settings, Task, run_pool
 
 __all__ = ["Summary", "grade", "default_workers", "visible_gpus", "scan_submissions", "CELL_COLUMNS"]
 
-CELL_COLUMNS = ["student_id", "assignment", "notebook", "grade_id", "score", "max_score", "status", "message"]
+CELL_COLUMNS = list(CellRow.COLUMNS)
 SUBMISSION_COLUMNS = ["student_id", "assignment", "status", "message", "score", "max_score", "seconds", "worker"]
 _IGNORE = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", ".*")
 
@@ -51,6 +53,12 @@ class Summary:
 
 
 # --- machine ----------------------------------------------------------------------------------------------
+
+def kit_private_paths() -> list[Path]:
+    """The kit's folders that hold solution code in some form (the solutions, their executed copies under
+    ``out/``, the tests' correct mutants, the git history, the benchmark scripts): never readable by a re-check."""
+    return [SOLUTIONS_DIR, *(KIT_ROOT / name for name in (".git", "out", "tests", "scripts"))]
+
 
 def visible_gpus() -> list[str]:
     """CUDA device ids this process may use (``CUDA_VISIBLE_DEVICES`` entries, else 0..n-1), without
@@ -104,33 +112,13 @@ def _generate(root: Path, db: Path, assignments: Iterable[str]) -> None:
             raise RuntimeError(f"nbgrader generate_assignment failed for {a}:\n{out.get('log')}\n{out.get('error')}")
 
 
-def _expected(source: Path) -> dict:
-    """``{assignment: {notebook: {"cells": [[grade_id, points, manual]], "ids": [...]}}}`` from the sources."""
-    expected: dict = {}
-    for folder in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(folder.glob("*.ipynb")):
-            nb = json.loads(path.read_text(encoding="utf-8"))
-            cells, ids = [], []
-            for cell in nb.get("cells", []):
-                meta = cell.get("metadata", {}).get("nbgrader", {})
-                if meta.get("grade_id"):
-                    ids.append(meta["grade_id"])
-                if meta.get("grade"):
-                    cells.append([meta["grade_id"], float(meta.get("points", 0)), bool(meta.get("solution"))])
-            expected.setdefault(folder.name, {})[path.stem] = {"cells": cells, "ids": ids}
-    if not expected:
-        raise FileNotFoundError(f"No assignments in {source}: it must hold <assignment>/<notebook>.ipynb "
-                                "source notebooks (the kit's solutions/).")
-    return expected
-
-
-def prepare_course(out: Path, source_dir: Path, tmp: Path) -> tuple[dict, Path]:
+def prepare_course(out: Path, source_dir: Path, tmp: Path) -> tuple[CourseStructure, Path]:
     """Copy the sources into ``out/source``, build a template gradebook (assignments only) in ``tmp`` and
     create or update ``out/gradebook.db``; return the expected structure and the template's path."""
     if source_dir.resolve() != (out / "source").resolve():
         _rmtree(out / "source")
         shutil.copytree(source_dir, out / "source", ignore=_IGNORE)
-    expected = _expected(out / "source")
+    expected = CourseStructure.from_source(out / "source")
     template_root = tmp / "template"
     shutil.copytree(out / "source", template_root / "source")
     _generate(template_root, template_root / "gradebook.db", expected)
@@ -147,7 +135,7 @@ def prepare_course(out: Path, source_dir: Path, tmp: Path) -> tuple[dict, Path]:
     return expected, template_root / "gradebook.db"
 
 
-def scan_submissions(submitted: Path, expected: dict) -> tuple[list[Task], list[tuple[str, str]]]:
+def scan_submissions(submitted: Path, expected: CourseStructure) -> tuple[list[Task], list[tuple[str, str]]]:
     """Tasks for ``submitted/<student>/<assignment>/`` folders, and (student, folder) pairs that are not an
     assignment of the course."""
     if not submitted.is_dir():
@@ -188,7 +176,8 @@ def _keep_submission(folder: Path, copy: Path) -> None:
     shutil.copytree(folder, copy, symlinks=True, ignore=_IGNORE)
 
 
-def merge(results: list[Result], tasks: dict[tuple[str, str], Task], out: Path, expected: dict) -> None:
+def merge(results: list[Result], tasks: dict[tuple[str, str], Task], out: Path, expected: CourseStructure
+          ) -> None:
     """Write every result into ``out/gradebook.db`` (nbgrader's SaveAutoGrades/AssignLatePenalties on the
     autograded notebooks; zero for notebooks that could not be graded) and ``out/autograded``."""
     import nbformat
@@ -211,7 +200,7 @@ def merge(results: list[Result], tasks: dict[tuple[str, str], Task], out: Path, 
         dest.mkdir(parents=True)
         if ts is not None:
             (dest / "timestamp.txt").write_text(str(ts))
-        for notebook in expected[r.assignment]:
+        for notebook in expected.notebooks(r.assignment):
             resources = {"nbgrader": {"notebook": notebook, "assignment": r.assignment, "student": r.student,
                                       "db_url": db_url}}
             if notebook in r.notebooks:
@@ -282,8 +271,8 @@ def write_reports(out: Path, results: list[Result], unknown: list[tuple[str, str
     for student, folder in unknown:
         message = f"{folder!r} is not an assignment of the course"
         cell_rows.append({"student_id": student, "assignment": folder, "notebook": "", "grade_id": "", "score": "0",
-                          "max_score": "0", "status": "unknown_assignment", "message": message})
-        sub_rows.append({"student_id": student, "assignment": folder, "status": "unknown_assignment",
+                          "max_score": "0", "status": Status.UNKNOWN_ASSIGNMENT, "message": message})
+        sub_rows.append({"student_id": student, "assignment": folder, "status": Status.UNKNOWN_ASSIGNMENT,
                          "message": message, "score": "0", "max_score": "0", "seconds": "0", "worker": ""})
     _write_csv(out / "cells.csv", CELL_COLUMNS, cell_rows)
     _write_csv(out / "submissions.csv", SUBMISSION_COLUMNS, sub_rows)
@@ -320,7 +309,7 @@ def write_feedback(out: Path, results: list[Result]) -> None:
 
 # --- the command ------------------------------------------------------------------------------------------
 
-def _settings(n: int, source: Path, template: Path, expected: dict, tmp: Path, protected: list[Path],
+def _settings(n: int, source: Path, template: Path, expected: CourseStructure, tmp: Path, protected: list[Path],
               check_modules: tuple[str, ...], cell_timeout: int, memory_gb: float | None, recheck: bool
               ) -> list[Settings]:
     gpus = visible_gpus()
@@ -354,8 +343,6 @@ def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = 
     from tqdm.auto import tqdm
 
     from autograder.config import ensure_tools_on_path, fast_gradebook_creation
-    from autograder.reference import SOLUTIONS_DIR
-
     ensure_tools_on_path()
     fast_gradebook_creation()
     started = time.monotonic()
@@ -375,7 +362,7 @@ def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = 
             expected, template = prepare_course(out, source, tmp)
         phases["prepare"] = time.monotonic() - started
         tasks, unknown = scan_submissions(submitted, expected)
-        protected = [source, out, submitted, tmp, SOLUTIONS_DIR]
+        protected = [source, out, submitted, tmp, *kit_private_paths()]
         settings = _settings(n, out / "source", template, expected, tmp, protected, tuple(check_modules),
                              timeout, memory_gb, recheck)
         limit = submission_timeout or timeout * (max(_code_cells(out / "source")) + 5)

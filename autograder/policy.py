@@ -49,6 +49,9 @@ FORBIDDEN_ATTRIBUTES = frozenset({
 })
 
 
+#: Built-ins that look attributes up by name: only ever called directly, with a literal public name.
+_ATTRIBUTE_LOOKUPS = frozenset({"getattr", "hasattr"})
+
 _DUNDER = re.compile(r"(\w+\.)*__\w+__")
 
 
@@ -139,6 +142,10 @@ class _Visitor(ast.NodeVisitor):
         if isinstance(node.ctx, ast.Load) and node.id in FORBIDDEN_CALLS and node.id not in self.bound:
             self.add(node, f"uses the built-in {node.id!r}, which answer cells may not use")
         parent = getattr(node, "parent", None)
+        if (isinstance(node.ctx, ast.Load) and node.id in _ATTRIBUTE_LOOKUPS and node.id not in self.bound
+                and not (isinstance(parent, ast.Call) and parent.func is node)):
+            self.add(node, f"passes {node.id!r} around as a value (e.g. to functools.reduce or map): call it "
+                           "directly with a literal attribute name")
         if (isinstance(node.ctx, ast.Load) and node.id in self.modules
                 and not (isinstance(parent, ast.Attribute) and parent.value is node)):
             self.add(node, f"uses the module {node.id!r} itself as a value; use its functions (`{node.id}.name`)")
@@ -180,13 +187,13 @@ class _Visitor(ast.NodeVisitor):
     # calls --------------------------------------------------------------------------------------------
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
-        if isinstance(func, ast.Name) and func.id == "getattr":
+        if isinstance(func, ast.Name) and func.id in _ATTRIBUTE_LOOKUPS and func.id not in self.bound:
             target = node.args[0] if node.args else None
             name = node.args[1] if len(node.args) > 1 else None
             if target is not None and _root_name(target) in self.imported:
-                self.add(node, "uses getattr on a module or imported object")
+                self.add(node, f"uses {func.id} on a module or imported object")
             if not (isinstance(name, ast.Constant) and isinstance(name.value, str) and not name.value.startswith("_")):
-                self.add(node, "uses getattr with a computed or private attribute name")
+                self.add(node, f"uses {func.id} with a computed or private attribute name")
             elif name.value in FORBIDDEN_ATTRIBUTES:
                 self._check_attr(node, name.value)
         if isinstance(func, ast.Name) and func.id == "type" and len(node.args) == 3:

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
-
 import nbformat
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat.notebooknode import NotebookNode
@@ -22,29 +20,17 @@ from nbgrader.api import Gradebook
 from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 from traitlets import Integer
 
-__all__ = ["GuardedExecute", "RestoreMissingCells", "RestoreCellMetadata", "IsolatedRecheck", "RESULTS",
-           "RESTORED", "set_rechecker", "kernel_verdict", "RECHECK_ENAME"]
+from autograder.kernels import ForkingKernelManager
+from autograder.types import WITHDRAWN_IN_RECHECK, GradingSession, Status, Verdict
 
-#: ``{(student, assignment, notebook): {grade_id: {"status", "message", ...}}}`` of the current process,
-#: filled by :class:`IsolatedRecheck` and read by the worker after nbgrader returns.
-RESULTS: dict[tuple[str, str, str], dict[str, dict]] = {}
-#: ``{(student, assignment, notebook): {grade_id}}``: cells :class:`RestoreMissingCells` put back.
-RESTORED: dict[tuple[str, str, str], set[str]] = {}
+__all__ = ["GuardedExecute", "RestoreMissingCells", "RestoreCellMetadata", "IsolatedRecheck", "kernel_verdict",
+           "RECHECK_ENAME"]
+
 #: ename of the error output added to a tests cell whose points are withdrawn.
 RECHECK_ENAME = "AutograderRecheckFailed"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _OOM = ("out of memory", "can't allocate memory", "cannot allocate memory", "outofmemoryerror", "memoryerror",
         "std::bad_alloc")
-
-_rechecker: Any = None
-
-
-def set_rechecker(client: Any) -> None:
-    """The re-check client (``RecheckClient``-like: ``has_battery(fn)``, ``check(fn, source)``) used by
-    :class:`IsolatedRecheck` in this process; None disables the re-check (tests cells keep kernel scores)."""
-    global _rechecker
-    _rechecker = client
-
 
 def _error_output(ename: str, evalue: str) -> NotebookNode:
     return NotebookNode(output_type="error", ename=ename, evalue=evalue,
@@ -59,8 +45,6 @@ class GuardedExecute(Execute):
     max_output_bytes = Integer(1_000_000, help="largest output kept per cell; the rest is dropped").tag(config=True)
 
     def __init__(self, *args, **kwargs):
-        from autograder.kernels import ForkingKernelManager
-
         kwargs.setdefault("kernel_manager_class", ForkingKernelManager)  # pre-warmed kernels when available
         super().__init__(*args, **kwargs)
 
@@ -170,7 +154,7 @@ class RestoreMissingCells(NbGraderPreprocessor):
                 nb.cells.insert(position, nbformat.from_dict(new))  # NotebookNodes all the way down
                 position += 1
                 restored.add(cell.name)
-        RESTORED[(info["student"], info["assignment"], info["notebook"])] = restored
+        GradingSession.current().restored[(info["student"], info["assignment"], info["notebook"])] = restored
         if restored:
             self.log.warning("Restored missing cells: %s", ", ".join(sorted(restored)))
         return nb, resources
@@ -226,97 +210,104 @@ def _clean(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def kernel_verdict(cell: NotebookNode) -> tuple[str, str]:
+def kernel_verdict(cell: NotebookNode) -> Verdict:
     """Status and message of a code cell from its outputs, as nbgrader scores it (first error or stderr)."""
     outputs = cell.get("outputs", [])
     enames = [o.get("ename") for o in outputs if o.output_type == "error"]
     if "CellTimeoutError" in enames or "KeyboardInterrupt" in enames:
-        return "timeout", "the cell ran past the per-cell time limit and was interrupted"
+        return Verdict(Status.TIMEOUT, "the cell ran past the per-cell time limit and was interrupted")
     for out in outputs:
         if out.output_type == "error":
             ename, evalue = out.get("ename", ""), _clean(str(out.get("evalue", "")))
             text = f"{ename}: {evalue}".lower()
             if ename in ("DeadKernelError", "NotRun"):
-                return "kernel_died", evalue
+                return Verdict(Status.KERNEL_DIED, evalue)
             if any(m in text for m in _OOM):
-                return "out_of_memory", f"{ename}: {evalue}"
+                return Verdict(Status.OUT_OF_MEMORY, f"{ename}: {evalue}")
             if ename == "AssertionError":
-                return "failed", f"{ename}: {evalue}" if evalue else "AssertionError"
+                return Verdict(Status.FAILED, f"{ename}: {evalue}" if evalue else "AssertionError")
             if ename == "NotImplementedError":
-                return "unanswered", "NotImplementedError: the function is not written yet"
-            return "error", f"{ename}: {evalue}"
+                return Verdict(Status.UNANSWERED, "NotImplementedError: the function is not written yet")
+            return Verdict(Status.ERROR, f"{ename}: {evalue}")
         if out.output_type == "stream" and out.get("name") == "stderr":
-            return "failed", f"the cell wrote to stderr (nbgrader scores that as a failure): {_clean(out.text, 200)}"
-    return "passed", ""
+            return Verdict(Status.FAILED,
+                           f"the cell wrote to stderr (nbgrader scores that as a failure): {_clean(out.text, 200)}")
+    return Verdict(Status.PASSED)
 
 
 class IsolatedRecheck(NbGraderPreprocessor):
     """Withdraw the points of tests cells whose answer cell fails the battery when re-run alone; record a
-    status for every graded cell in :data:`RESULTS`."""
+    :class:`~autograder.types.Verdict` for every graded cell in the :class:`~autograder.types.GradingSession`."""
 
     def preprocess(self, nb: NotebookNode, resources: dict):
         info = resources["nbgrader"]
         key = (info["student"], info["assignment"], info["notebook"])
-        self._restored = RESTORED.pop(key, set())
+        session = GradingSession.current()
+        self._rechecker = session.rechecker
+        self._restored = session.restored.pop(key, set())
         abort = resources.get("cd_kit", {}).get("abort")
         answers = {c.metadata.nbgrader["grade_id"]: (i, c) for i, c in enumerate(nb.cells)
                    if utils.is_solution(c) and not utils.is_grade(c) and c.cell_type == "code"}
-        results: dict[str, dict] = {}
+        results: dict[str, Verdict] = {}
         for index, cell in enumerate(nb.cells):
             if utils.is_grade(cell):
                 results[cell.metadata.nbgrader["grade_id"]] = self._grade_cell(cell, index, answers, abort)
-        RESULTS[key] = results
+        session.results[key] = results
         return nb, resources
 
-    def _grade_cell(self, cell: NotebookNode, index: int, answers: dict, abort: dict | None) -> dict:
+    def _grade_cell(self, cell: NotebookNode, index: int, answers: dict, abort: dict | None) -> Verdict:
         grade_id = cell.metadata.nbgrader["grade_id"]
         if utils.is_solution(cell) or cell.cell_type != "code":
-            return {"status": "manual", "message": "graded by hand (formgrader)"}
+            return Verdict(Status.MANUAL, "graded by hand (formgrader)")
         score, _ = utils.determine_grade(cell, self.log)
         function = grade_id[len("test_"):] if grade_id.startswith("test_") else None
         answer = answers.get(function) if function else None
-        verdict, message = kernel_verdict(cell)
+        kernel = kernel_verdict(cell)
         if abort is not None and abort["index"] is not None and index > abort["index"]:
-            return {"status": abort["status"], "message": f"not run: {abort['message']}"}
-        if verdict == "passed" and score is not None and 0 < score < float(cell.metadata.nbgrader["points"]):
-            verdict = "partial"
+            return Verdict(Status(abort["status"]), f"not run: {abort['message']}")
+        if kernel.status == Status.PASSED and score is not None and 0 < score < float(cell.metadata.nbgrader["points"]):
+            kernel = Verdict(Status.PARTIAL, kernel.message)
         if function is None or not self._has_battery(function):
-            return {"status": verdict, "message": message}
+            return kernel
         if answer is None or function in self._restored:
-            return self._withdraw(cell, "missing", f"the answer cell `{function}` is missing from the notebook "
-                                                   "(deleted, or its metadata was changed)")
+            return self._withdraw(cell, Verdict(Status.MISSING, f"the answer cell `{function}` is missing from the "
+                                                                "notebook (deleted, or its metadata was changed)"))
         answer_cell = answer[1]
         if utils.compute_checksum(answer_cell) == answer_cell.metadata.nbgrader.get("checksum"):
-            return self._withdraw(cell, "unanswered", f"`{function}` is not written yet (answer cell unchanged)")
+            return self._withdraw(cell, Verdict(Status.UNANSWERED,
+                                                f"`{function}` is not written yet (answer cell unchanged)"))
         if not score:
-            answer_status, answer_message = kernel_verdict(answer_cell)
-            if answer_status in ("timeout", "out_of_memory", "kernel_died", "error") and verdict in ("error", "failed"):
-                return {"status": answer_status, "message": f"the answer cell failed: {answer_message}"}
-            return {"status": verdict, "message": message}
+            answer_verdict = kernel_verdict(answer_cell)
+            if (answer_verdict.status in (Status.TIMEOUT, Status.OUT_OF_MEMORY, Status.KERNEL_DIED, Status.ERROR)
+                    and kernel.status in (Status.ERROR, Status.FAILED)):
+                return Verdict(answer_verdict.status, f"the answer cell failed: {answer_verdict.message}")
+            return kernel
         result = self._recheck(cell, function, answer_cell.source)
-        if result["status"] == "passed":
-            result["status"] = verdict
+        if result.status == Status.PASSED:
+            return Verdict(kernel.status, "", result.seconds)
         return result
 
     def _has_battery(self, function: str) -> bool:
-        return _rechecker is not None and _rechecker.has_battery(function)
+        return self._rechecker is not None and self._rechecker.has_battery(function)
 
-    def _recheck(self, cell: NotebookNode, function: str, source: str) -> dict:
-        result = _rechecker.check(function, source)
-        status = result.get("status", "recheck_error")
-        if status == "passed":
-            return {"status": "passed", "message": "", "recheck_seconds": result.get("seconds")}
-        message = _clean(str(result.get("message", "")), 1000)
-        if status in ("failed", "error", "unanswered", "missing"):
-            status, message = "recheck_failed", (f"passed in the notebook but failed when `{function}`'s answer cell "
-                                                 f"was re-run on its own: {message}")
+    def _recheck(self, cell: NotebookNode, function: str, source: str) -> Verdict:
+        result = self._rechecker.check(function, source)
+        if result.status == Status.PASSED:
+            return result
+        message = _clean(result.message, 1000)
+        if result.status == Status.FAILED and result.against_reference:
+            # the kernel never compares with the reference (it has none): a wrong value shows here first
+            verdict = Verdict(Status.FAILED, message)
+        elif result.status in WITHDRAWN_IN_RECHECK:
+            verdict = Verdict(Status.RECHECK_FAILED, f"passed in the notebook but failed when `{function}`'s answer "
+                                                     f"cell was re-run on its own: {message}")
         else:
-            message = f"isolated re-check of `{function}`: {message}"
-        return self._withdraw(cell, status, message)
+            verdict = Verdict(result.status, f"isolated re-check of `{function}`: {message}")
+        return self._withdraw(cell, verdict)
 
     @staticmethod
-    def _withdraw(cell: NotebookNode, status: str, message: str) -> dict:
+    def _withdraw(cell: NotebookNode, verdict: Verdict) -> Verdict:
         """Put an error output first in the tests cell so that nbgrader scores it 0."""
-        cell.outputs = [_error_output(RECHECK_ENAME, f"[{status}] {message}")] + list(cell.get("outputs", []))
-        return {"status": status, "message": message}
-
+        cell.outputs = ([_error_output(RECHECK_ENAME, f"[{verdict.status}] {verdict.message}")]
+                        + list(cell.get("outputs", [])))
+        return verdict

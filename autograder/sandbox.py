@@ -8,19 +8,30 @@ the battery on the function the cell defines. Every layer is explained in ``auto
 from __future__ import annotations
 
 import builtins
-import importlib
+import functools
+import json
+import math
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autograder.policy import FORBIDDEN_CALLS, check_cell, import_allowed
+import torch
+import torch.nn.functional as F
 
-__all__ = ["Batteries", "Limits", "Snapshot", "load_batteries", "recheck_in_child", "classify_exception",
-           "STUDENT_FILENAME"]
+from autograder import landlock
+from autograder.batteries import Batteries, load_batteries
+from autograder.policy import FORBIDDEN_CALLS, check_cell, import_allowed
+from autograder.tape import Replay, TapeDiverged, TapeRefused, encode, seed_like_recheck
+from helpers.notebook_functions import build_namespace
+
+__all__ = ["Batteries", "Limits", "Snapshot", "TapeChannel", "load_batteries", "recheck", "recheck_in_child",
+           "classify_exception", "STUDENT_FILENAME"]
 
 #: Filename given to the compiled answer cell: frames with it on the stack are student code.
 STUDENT_FILENAME = "<answer cell>"
@@ -35,33 +46,6 @@ class Limits:
     memory_bytes: int | None = None  # RLIMIT_DATA (heap and anonymous mappings); None = no limit
     threads: int = 1
     file_bytes: int = 64 * 2**20  # largest file the child may write
-
-
-@dataclass
-class Batteries:
-    """Hidden batteries of one or more check modules: ``checks[fn](student_fn, ref)`` raises AssertionError."""
-
-    checks: dict[str, Callable] = field(default_factory=dict)
-    depends: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    forbidden: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    modules: list[str] = field(default_factory=list)
-
-
-def load_batteries(modules: Iterable[str]) -> Batteries:
-    """Import the check modules (``autograder.checks`` by default) and merge their CHECKS, DEPENDS and
-    FORBIDDEN_NAMES."""
-    out = Batteries()
-    for name in modules:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as err:
-            raise ImportError(f"Cannot import the check module {name!r} ({err}); pass an importable module "
-                              "(on PYTHONPATH) that defines CHECKS = {{function: check}}.") from err
-        out.modules.append(name)
-        out.checks.update(getattr(mod, "CHECKS", {}))
-        out.depends.update({k: tuple(v) for k, v in getattr(mod, "DEPENDS", {}).items()})
-        out.forbidden.update({k: tuple(v) for k, v in getattr(mod, "FORBIDDEN_NAMES", {}).items()})
-    return out
 
 
 def classify_exception(err: BaseException) -> str:
@@ -187,19 +171,12 @@ class Snapshot:
 
 def watched_objects(battery_modules: Iterable[str]) -> dict[str, object]:
     """Modules and classes whose attributes the battery uses (comparison functions, tensor methods, ...)."""
-    import math
-
-    import functools
-
-    import torch
-    import torch.nn.functional as F
-
     targets: dict[str, object] = {"builtins": builtins, "math": math, "functools": functools, "torch": torch,
                                   "torch.nn": torch.nn, "torch.nn.functional": F, "torch.testing": torch.testing,
                                   "torch.linalg": torch.linalg, "torch.Tensor": torch.Tensor,
                                   "torch.nn.Module": torch.nn.Module, "torch.autograd": torch.autograd}
     for name in ("numpy", "numpy.testing", "helpers.schedule", "helpers.answer_env", "autograder.checks",
-                 "autograder.reference", *battery_modules):
+                 "autograder.tape", *battery_modules):
         mod = sys.modules.get(name)
         if mod is not None:
             targets[name] = mod
@@ -216,36 +193,131 @@ class _Tampered(BaseException):
     that a battery's ``except Exception`` cannot swallow it)."""
 
 
-def _guarded(fn: Callable, snapshot: Snapshot, found: list[str]) -> Callable:
-    import functools
-
+def _guarded(fn: Callable, snapshot: Snapshot, found: list[str], on_return: Callable[[Any], None] | None = None
+             ) -> Callable:
     @functools.wraps(fn)
     def call(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         finally:
             changed = snapshot.changes()
             if changed:
                 found.extend(changed)
                 raise _Tampered(", ".join(changed))
+        if on_return is not None:
+            on_return(result)  # commits the answer to the fork server before the battery sees it
+        return result
 
     return call
 
 
-def recheck(function: str, source: str, batteries: Batteries, source_dir: str | Path) -> dict:
-    """Check ``source`` (the answer cell of ``function``) against its battery in this process; return
-    ``{"status", "message"}``. Call only in a disposable process: student code runs here."""
-    from autograder.reference import graded_namespace, reference_in
+class _Mirror:
+    """``ref[name]`` of the first stage: the student's own function, counting how often the battery asks."""
 
-    violations = check_cell(source, function, batteries.forbidden.get(function, ()))
+    def __init__(self, fn: Callable):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+class TapeChannel:
+    """The child's end of the tape protocol with the fork server (one JSON object per line each way)."""
+
+    def __init__(self, write_fd: int, read_fd: int):
+        self.write_fd, self.read_fd = write_fd, read_fd
+        self._buffer = b""
+
+    def send(self, message: dict) -> None:
+        data = (json.dumps(message) + "\n").encode()
+        while data:
+            data = data[os.write(self.write_fd, data):]
+
+    def _receive(self) -> dict:
+        while b"\n" not in self._buffer:
+            chunk = os.read(self.read_fd, 1 << 20)
+            if not chunk:
+                raise TapeRefused("the fork server closed the tape")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def start(self) -> None:
+        self.send({"tape": "start"})
+
+    def returned(self, value: Any) -> None:
+        """Commit what the student's function just returned: the grader pairs it with the next recorded value
+        it hands out and checks the pairs itself (``RecheckClient``)."""
+        try:
+            committed = encode(_on_cpu(value))
+        except Exception:  # noqa: BLE001 - not a tensor, number or container of them: nothing to compare
+            committed = None
+        self.send({"returned": committed})
+
+    def fetch(self, index: int, key: str) -> str:
+        self.send({"need": index, "digest": key})
+        reply = self._receive()
+        if "diverged" in reply:
+            raise TapeDiverged(reply["diverged"])
+        if "value" not in reply:
+            raise TapeRefused(reply.get("refused", "no value"), reply.get("kind", "order"))
+        return reply["value"]
+
+
+def _outcome(run: Callable[[], None], found: list[str], against_reference: bool = False) -> dict | None:
+    """Run one stage of the battery; None when it passed, else the verdict."""
+    try:
+        run()
+    except _Tampered as err:
+        return {"status": "policy_violation", "message": f"the function changed {err} while being checked"}
+    except TapeDiverged as err:
+        return {"status": "failed", "message": f"the battery's inputs to the reference differ from the recorded run "
+                                               f"({err}): the function changed its inputs or the battery's state"}
+    except TapeRefused as err:
+        if err.args[1:] == ("unavailable",):
+            return {"status": "recheck_error", "message": f"no recorded reference values: {err.args[0]}"}
+        return {"status": "failed", "message": f"the reference's recorded values were asked for out of turn "
+                                               f"({err.args[0]}): the function reached into the grader's battery"}
+    except BaseException as err:  # noqa: BLE001
+        if found:
+            return {"status": "policy_violation", "message": f"the function changed {', '.join(found)}"}
+        result = {"status": classify_exception(err), "message": f"{type(err).__name__}: {err}"}
+        if against_reference and result["status"] == "failed":
+            result["against_reference"] = True
+        return result
+    if found:
+        return {"status": "policy_violation", "message": f"the function changed {', '.join(found)}"}
+    return None
+
+
+def recheck(request: dict, batteries: Batteries, channel: TapeChannel | None = None) -> dict:
+    """Check ``request["source"]`` (the answer cell of ``request["function"]``) against its battery in this
+    process; return ``{"status", "message"}``. Call only in a disposable process: student code runs here.
+
+    The namespace is built from ``request["dependencies"]`` (the reference cells of the *other* functions, sent
+    by the grader): this process never holds the reference of the function under test. The battery runs twice:
+    first with the student's function in the reference's place too (what the student's kernel ran: behaviour,
+    types, in-place edits, recordings), then, if the battery compares with the reference at all, against the
+    reference's recorded values, which ``channel`` fetches one at a time from the fork server."""
+    function, source = request["function"], request["source"]
+    filters = request.get("filters", True)
+    violations = check_cell(source, function, batteries.forbidden.get(function, ())) if filters else []
     if violations:
         return {"status": "policy_violation", "message": "; ".join(violations)}
-    depends = batteries.depends.get(function, ())
-    ns = graded_namespace(function, depends, source_dir)
-    ref = dict(ns)
-    ref[function] = reference_in(function, source_dir)
-    ns["__builtins__"] = restricted_builtins()
-    snapshot = Snapshot(watched_objects(batteries.modules))
+    ref = build_namespace([tuple(d) for d in request.get("dependencies", ())])
+    ns = dict(ref)
+    if filters:
+        ns["__builtins__"] = restricted_builtins()
+    snapshot = Snapshot(watched_objects(batteries.modules) if filters else {})
     try:
         exec(compile(source, STUDENT_FILENAME, "exec"), ns)
     except BaseException as err:  # noqa: BLE001 - student code may raise anything
@@ -260,44 +332,49 @@ def recheck(function: str, source: str, batteries: Batteries, source_dir: str | 
     for name, value in ref.items():  # names the function looks up globally: the reference versions
         if name != function and callable(value) and not name.startswith("__"):
             ns[name] = value
+    check = batteries.checks[function]
     found: list[str] = []
-    try:
-        batteries.checks[function](_guarded(student, snapshot, found), ref)
-    except _Tampered as err:
-        return {"status": "policy_violation", "message": f"the function changed {err} while being checked"}
-    except BaseException as err:  # noqa: BLE001
-        if found:
-            return {"status": "policy_violation", "message": f"the function changed {', '.join(found)}"}
-        return {"status": classify_exception(err), "message": f"{type(err).__name__}: {err}"}
-    changed = found or snapshot.changes()
-    if changed:
-        return {"status": "policy_violation", "message": f"the function changed {', '.join(changed)}"}
+    mirror = _Mirror(_guarded(student, snapshot, found))
+    outcome = _outcome(lambda: check(_guarded(student, snapshot, found), {**ref, function: mirror}), found)
+    if outcome is not None or mirror.calls == 0:
+        return outcome or {"status": "passed", "message": ""}
+    if channel is None:
+        return {"status": "recheck_error", "message": "the battery compares with the reference, but no recorded "
+                                                      "values were available"}
+    seed_like_recheck()
+    channel.start()
+    replay = Replay(channel.fetch)
+    outcome = _outcome(lambda: check(_guarded(student, snapshot, found, channel.returned), {**ref, function: replay}),
+                       found, against_reference=function in batteries.kernel_blind)
+    if outcome is not None:
+        return outcome
+    if replay.calls != mirror.calls:
+        return {"status": "recheck_error", "message": f"the battery asked the reference {replay.calls} times against "
+                                                      f"the recorded values and {mirror.calls} times before"}
     return {"status": "passed", "message": ""}
 
 
-def recheck_in_child(request: dict, batteries: Batteries, source_dir: str, protected: list[str],
-                     limits: Limits, workdir: str, writable: Iterable[str] = ()) -> dict:
-    """Everything the fork server's child does before :func:`recheck`: limits, seeds, audit hook."""
+def recheck_in_child(request: dict, batteries: Batteries, protected: list[str], limits: Limits, workdir: str,
+                     writable: Iterable[str] = (), channel: TapeChannel | None = None) -> dict:
+    """Everything the fork server's child does before :func:`recheck`: limits, seeds, the Landlock confinement
+    (nothing under ``protected`` can be opened, by the kernel's word) and the audit hook."""
     apply_limits(limits)
     os.chdir(workdir)
     os.environ["TMPDIR"] = workdir
+    tempfile.tempdir = workdir
     sys.dont_write_bytecode = True
-    import random
-
-    import torch
-
     torch.set_num_threads(max(1, limits.threads))
-    random.seed(0)
-    torch.manual_seed(0)
+    seed_like_recheck()
+    writable = [workdir, *writable]
     try:
-        import numpy
-
-        numpy.random.seed(0)
-    except ImportError:
-        pass
-    install_audit_hook(protected, [workdir, *writable])
+        confined = landlock.confine([*landlock.default_read_roots(), *writable], [*writable, "/dev"], protected)
+    except OSError as err:
+        return {"status": "recheck_error", "message": f"could not confine the re-check (Landlock): {err}"}
+    if request.get("filters", True):  # off only in the tests that show the reference is out of reach anyway
+        install_audit_hook(protected, writable)
     started = time.monotonic()
-    result = recheck(request["function"], request["source"], batteries, source_dir)
+    result = recheck(request, batteries, channel)
     result["seconds"] = round(time.monotonic() - started, 3)
     result["message"] = result.get("message", "")[:2000]
+    result["confined"] = confined
     return result

@@ -380,7 +380,9 @@ from pathlib import Path
 
 def check_double(fn, ref):
     for x in (0, 1, -3, 2.5, 10**6):
-        assert fn(x) == ref["double"](x), f"double({x}) returned {fn(x)!r}, expected {ref['double'](x)!r}"
+        got = fn(x)
+        expected = ref["double"](x)  # after the student's call, once per case (see autograder.checks)
+        assert got == expected, f"double({x}) returned {got!r}, expected {expected!r}"
 
 
 def check_norm2(fn, ref):
@@ -392,7 +394,8 @@ def check_norm2(fn, ref):
 
 def check_quad(fn, ref):
     for x in (0, 1, 3, -2):
-        assert fn(x) == ref["quad"](x), f"quad({x}) returned {fn(x)!r}"
+        got = fn(x)
+        assert got == ref["quad"](x), f"quad({x}) returned {got!r}"
 
 
 CHECKS = {"double": check_double, "norm2": check_norm2, "quad": check_quad}

@@ -22,13 +22,24 @@ from multiprocessing import get_context
 from multiprocessing.connection import wait
 from pathlib import Path
 
-__all__ = ["Settings", "Task", "CellRow", "Result", "screen_notebook", "grade_submission", "run_pool"]
+import nbformat
+from nbgrader.apps import NbGraderAPI
+from nbgrader.utils import parse_utc
+
+from autograder.config import grading_config
+from autograder.forkserver import RecheckClient
+from autograder.kernels import KernelForkClient, set_fork_client
+from autograder.procs import become_subreaper, children, kill_new_children, kill_tree
+from autograder.types import CellRow, CourseStructure, GradingSession, Status
+from helpers.config import KitConfig
+
+__all__ = ["Settings", "Task", "Result", "screen_notebook", "grade_submission", "run_pool"]
 
 _EXCEPTION_LINE = re.compile(r"^\s*((?:[\w.]+)(?:Error|Exception|Exit)\b.*)$", re.MULTILINE)
-_LOG_ERROR_HINTS = (("metadata may be corrupted", "invalid_notebook",
+_LOG_ERROR_HINTS = (("metadata may be corrupted", Status.INVALID_NOTEBOOK,
                      "the nbgrader metadata of the notebook is corrupted; restore the cells' metadata"),
-                    ("Notebook JSON is invalid", "invalid_notebook", "the notebook does not follow the notebook format"),
-                    ("NotJSONError", "invalid_notebook", "the notebook is not valid JSON"))
+                    ("Notebook JSON is invalid", Status.INVALID_NOTEBOOK, "the notebook does not follow the notebook format"),
+                    ("NotJSONError", Status.INVALID_NOTEBOOK, "the notebook is not valid JSON"))
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,7 @@ class Settings:
 
     source_dir: str  # <course>/source: assignment folders with the source (solution) notebooks
     template_db: str  # gradebook with the assignments and no students
-    expected: dict  # {assignment: {notebook: {"cells": [[grade_id, max_score, manual]], "ids": [grade ids]}}}
+    expected: CourseStructure  # assignment -> notebook -> graded cells and grade ids (autograder.types)
     check_modules: tuple[str, ...] = ("autograder.checks",)
     cell_timeout: int = 120
     memory_bytes: int | None = None
@@ -64,23 +75,12 @@ class Task:
 
 
 @dataclass
-class CellRow:
-    """One graded cell of one notebook of one submission (the score is filled from the gradebook)."""
-
-    notebook: str
-    grade_id: str
-    max_score: float
-    status: str
-    message: str = ""
-
-
-@dataclass
 class Result:
     """What a worker returns for a submission."""
 
     student: str
     assignment: str
-    status: str  # graded, or the reason no notebook could be graded
+    status: Status  # graded, or the reason no notebook could be graded
     message: str = ""
     notebooks: dict[str, str] = field(default_factory=dict)  # notebook -> autograded JSON text
     cells: list[CellRow] = field(default_factory=list)
@@ -97,14 +97,12 @@ def _grade_ids(nb: dict) -> set[str]:
             and isinstance(c["metadata"].get("nbgrader"), dict)} - {None}
 
 
-def screen_notebook(path: Path, assignment: str, notebook: str, expected: dict, max_bytes: int
-                    ) -> tuple[str, str] | None:
+def screen_notebook(path: Path, assignment: str, notebook: str, expected: CourseStructure, max_bytes: int
+                    ) -> tuple[Status, str] | None:
     """Why the submitted ``path`` cannot be graded as ``assignment/notebook`` (status, message), or None."""
-    import nbformat
-
     size = path.stat().st_size
     if size > max_bytes:
-        return "invalid_notebook", (f"{path.name} is {size / 2**20:.0f} MB (limit {max_bytes / 2**20:.0f} MB): clear "
+        return Status.INVALID_NOTEBOOK, (f"{path.name} is {size / 2**20:.0f} MB (limit {max_bytes / 2**20:.0f} MB): clear "
                                     "the outputs (Edit > Clear Outputs of All Cells) and submit again")
     try:
         text = path.read_text(encoding="utf-8")
@@ -113,23 +111,20 @@ def screen_notebook(path: Path, assignment: str, notebook: str, expected: dict, 
         if not isinstance(raw, dict) or not isinstance(nb.get("cells"), list):
             raise ValueError("no list of cells")
     except Exception as err:  # noqa: BLE001 - JSON, encoding, schema and conversion errors alike
-        return "invalid_notebook", (f"{path.name} is not a readable notebook ({type(err).__name__}: "
+        return Status.INVALID_NOTEBOOK, (f"{path.name} is not a readable notebook ({type(err).__name__}: "
                                     f"{str(err)[:200]}); it may be truncated: restore it from a checkpoint or "
                                     "re-download it, and submit again")
     ids = _grade_ids(raw)
-    own = set(expected[assignment][notebook]["ids"])
-    if ids and not ids & own:
-        for other_a, notebooks in expected.items():
-            for other_nb, info in notebooks.items():
-                if ids & set(info["ids"]):
-                    return "wrong_assignment", (f"{path.name} holds the cells of {other_a}/{other_nb}.ipynb, not of "
-                                                f"{assignment}/{notebook}.ipynb: submit the right notebook")
+    own = expected.notebooks(assignment)[notebook].ids
+    owner = expected.owner_of(ids) if ids and not ids & own else None
+    if owner is not None:
+        other_a, other_nb = owner
+        return Status.WRONG_ASSIGNMENT, (f"{path.name} holds the cells of {other_a}/{other_nb}.ipynb, not of "
+                                         f"{assignment}/{notebook}.ipynb: submit the right notebook")
     return None
 
 
 def _valid_timestamp(path: Path) -> bool:
-    from nbgrader.utils import parse_utc
-
     try:
         parse_utc(path.read_text().strip())
         return True
@@ -140,7 +135,7 @@ def _valid_timestamp(path: Path) -> bool:
 def _stage(task: Task, settings: Settings, root: Path) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Lay out the temporary course; return ``{notebook: (status, message)}`` of notebooks that cannot be
     graded and the notebooks that can."""
-    expected = settings.expected[task.assignment]
+    expected = settings.expected.notebooks(task.assignment)
     shutil.copytree(Path(settings.source_dir) / task.assignment, root / "source" / task.assignment)
     dest = root / "submitted" / task.student / task.assignment
     dest.mkdir(parents=True)
@@ -157,7 +152,7 @@ def _stage(task: Task, settings: Settings, root: Path) -> tuple[dict[str, tuple[
         path = submitted / f"{notebook}.ipynb"
         if not path.is_file():
             others = [f"{n}.ipynb" for n in found if n not in expected]
-            rejected[notebook] = ("missing", f"{notebook}.ipynb was not submitted"
+            rejected[notebook] = (Status.MISSING, f"{notebook}.ipynb was not submitted"
                                   + (f" (found {', '.join(others)}: rename it?)" if others else ""))
             continue
         problem = screen_notebook(path, task.assignment, notebook, settings.expected, settings.max_notebook_bytes)
@@ -175,26 +170,22 @@ def _log_problem(log: str) -> tuple[str, str]:
         if hint in log:
             return status, message
     errors = [m.group(1) for m in _EXCEPTION_LINE.finditer(log) if "NbGraderException" not in m.group(1)]
-    return "grader_error", "nbgrader failed: " + (errors[-1][:300] if errors else "see logs/<student>/<assignment>.log")
+    return Status.GRADER_ERROR, "nbgrader failed: " + (errors[-1][:300] if errors else "see logs/<student>/<assignment>.log")
 
 
 def grade_submission(task: Task, settings: Settings) -> Result:
     """Autograde one submission in a temporary course folder (the worker's process must be set up with
     :func:`init_worker` for the re-check)."""
-    from nbgrader.apps import NbGraderAPI
-
-    from autograder import preprocessors
-    from autograder.config import grading_config
-
+    session = GradingSession.current()
     started = time.monotonic()
-    result = Result(task.student, task.assignment, "graded", worker=settings.worker_id)
+    result = Result(task.student, task.assignment, Status.GRADED, worker=settings.worker_id)
     root = Path(tempfile.mkdtemp(prefix="submission-", dir=settings.tmp_root or None))
     try:
         rejected, to_grade = _stage(task, settings, root)
         failures: dict[str, tuple[str, str]] = dict(rejected)
         if to_grade:
             for notebook in to_grade:
-                preprocessors.RESULTS.pop((task.student, task.assignment, notebook), None)
+                session.results.pop((task.student, task.assignment, notebook), None)
             cfg = grading_config(root, root / "gradebook.db", settings.cell_timeout, settings.max_output_bytes)
             api = NbGraderAPI(config=cfg)
             out = api.autograde(task.assignment, task.student, force=True, create=True)
@@ -202,39 +193,38 @@ def grade_submission(task: Task, settings: Settings) -> Result:
             for notebook in to_grade:
                 graded = root / "autograded" / task.student / task.assignment / f"{notebook}.ipynb"
                 key = (task.student, task.assignment, notebook)
-                if out.get("success") and graded.is_file() and key in preprocessors.RESULTS:
+                if out.get("success") and graded.is_file() and key in session.results:
                     result.notebooks[notebook] = graded.read_text(encoding="utf-8")
                 else:
                     failures[notebook] = _log_problem(result.log)
-        result.cells = _cell_rows(task, settings, failures)
+        result.cells = _cell_rows(task, settings, failures, session)
         if failures and not result.notebooks:
             result.status, result.message = next(iter(failures.values()))
     except Exception as err:  # noqa: BLE001 - a broken submission must never stop the batch
-        result.status, result.message = "grader_error", f"{type(err).__name__}: {err}"
+        result.status, result.message = Status.GRADER_ERROR, f"{type(err).__name__}: {err}"
         result.log += "\n" + traceback.format_exc()
         result.notebooks = {}
-        result.cells = _cell_rows(task, settings, {nb: (result.status, result.message)
-                                                   for nb in settings.expected.get(task.assignment, {})})
+        result.cells = _cell_rows(task, settings, session=session, failures={nb: (result.status, result.message)
+                                                   for nb in settings.expected.notebooks(task.assignment)})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result.seconds = round(time.monotonic() - started, 2)
     return result
 
 
-def _cell_rows(task: Task, settings: Settings, failures: dict[str, tuple[str, str]]) -> list[CellRow]:
-    from autograder import preprocessors
-
+def _cell_rows(task: Task, settings: Settings, failures: dict[str, tuple[Status, str]], session: GradingSession
+               ) -> list[CellRow]:
     rows = []
-    for notebook, info in settings.expected[task.assignment].items():
-        recorded = preprocessors.RESULTS.pop((task.student, task.assignment, notebook), {})
-        for grade_id, max_score, manual in info["cells"]:
+    for notebook, spec in settings.expected.notebooks(task.assignment).items():
+        recorded = session.results.pop((task.student, task.assignment, notebook), {})
+        for cell in spec.cells:
             if notebook in failures:
                 status, message = failures[notebook]
-            elif grade_id in recorded:
-                status, message = recorded[grade_id]["status"], recorded[grade_id]["message"]
+            elif cell.grade_id in recorded:
+                status, message = recorded[cell.grade_id].status, recorded[cell.grade_id].message
             else:
-                status, message = "grader_error", "the cell was not graded"
-            rows.append(CellRow(notebook, grade_id, float(max_score), status, message))
+                status, message = Status.GRADER_ERROR, "the cell was not graded"
+            rows.append(CellRow(notebook, cell.grade_id, cell.max_score, status, message))
     return rows
 
 
@@ -242,19 +232,18 @@ def _cell_rows(task: Task, settings: Settings, failures: dict[str, tuple[str, st
 
 def init_worker(settings: Settings):
     """Set up a worker process: device, threads, memory limit, orphan reaping, and the re-check server."""
-    from autograder import preprocessors
-    from autograder.forkserver import RecheckClient
-    from autograder.procs import become_subreaper
-
     if settings.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpu
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(settings.threads)
     # idle OpenMP threads sleep instead of spinning: kernels, re-checks and feedback share the cores
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ["CD_KIT_SOLUTIONS"] = settings.source_dir
-    os.environ["NBGRADER_EXECUTION"] = "autograde"  # this process only autogrades (nbgrader sets it too)
-    os.environ.setdefault("CD_KIT_CHECK_SEED", str(settings.seed))
+    # the kit's settings, read once here and handed to the kernels and re-checks this worker starts: the graded
+    # source copy, autograde mode (nbgrader sets it too), and the batteries' fixed seed unless one was set
+    config = KitConfig.from_environ()
+    config = config.replace(solutions=settings.source_dir, execution="autograde",
+                            check_seed=settings.seed if config.check_seed is None else config.check_seed)
+    os.environ.update(config.to_environ())
     if settings.log_path:
         fd = os.open(settings.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 2)
@@ -267,8 +256,6 @@ def init_worker(settings: Settings):
     become_subreaper()
     kernels = None
     if settings.fork_kernels:
-        from autograder.kernels import KernelForkClient, set_fork_client
-
         kernels = KernelForkClient(settings.source_dir)
         kernels.start()  # preloads while the first submission is staged
         set_fork_client(kernels)
@@ -276,16 +263,15 @@ def init_worker(settings: Settings):
     if settings.recheck:
         log = Path(settings.tmp_root) / f"forkserver-{settings.worker_id}.log" if settings.tmp_root else None
         client = RecheckClient(settings.source_dir, list(settings.check_modules), list(settings.protected),
-                               settings.cell_timeout, settings.memory_bytes, settings.threads, log)
+                               settings.cell_timeout, settings.memory_bytes, settings.threads, log,
+                               tape_dir=Path(settings.tmp_root) / "tapes" if settings.tmp_root else None)
         client.start()
-    preprocessors.set_rechecker(client)
+    GradingSession(rechecker=client).install()
     return client, kernels
 
 
 def worker_main(conn, settings: Settings) -> None:
     """Loop of a worker process: receive a :class:`Task`, send back its :class:`Result`; None stops it."""
-    from autograder.procs import kill_new_children, kill_tree
-
     client, kernels = init_worker(settings)
     try:
         while True:
@@ -295,7 +281,7 @@ def worker_main(conn, settings: Settings) -> None:
             try:
                 result = grade_submission(task, settings)
             except BaseException as err:  # noqa: BLE001
-                result = Result(task.student, task.assignment, "grader_error", f"{type(err).__name__}: {err}")
+                result = Result(task.student, task.assignment, Status.GRADER_ERROR, f"{type(err).__name__}: {err}")
             servers = {s.pid for s in (client, kernels) if s is not None and s.pid}
             for kernel in kernels.kernels() if kernels is not None else []:
                 kill_tree(kernel)  # this submission's kernels, if still running
@@ -327,9 +313,9 @@ def _start(ctx, settings: Settings) -> _Worker:
     return _Worker(process, parent, settings)
 
 
-def _failed(task: Task, settings: Settings, status: str, message: str) -> Result:
-    cells = [CellRow(nb, gid, float(mx), status, message)
-             for nb, info in settings.expected.get(task.assignment, {}).items() for gid, mx, _ in info["cells"]]
+def _failed(task: Task, settings: Settings, status: Status, message: str) -> Result:
+    cells = [CellRow(nb, cell.grade_id, cell.max_score, status, message)
+             for nb, spec in settings.expected.notebooks(task.assignment).items() for cell in spec.cells]
     return Result(task.student, task.assignment, status, message, cells=cells, worker=settings.worker_id)
 
 
@@ -338,8 +324,6 @@ def run_pool(tasks: list[Task], settings: list[Settings], on_result: Callable[[R
     """Grade ``tasks`` with one worker process per entry of ``settings``; call ``on_result`` in this process
     for each result, in completion order. A worker that dies or exceeds ``submission_timeout`` on a
     submission is replaced, and that submission gets a result with the reason."""
-    from autograder.procs import become_subreaper, children, kill_new_children, kill_tree
-
     become_subreaper()
     ctx = get_context("spawn")
     pending = deque(tasks)
@@ -370,7 +354,7 @@ def run_pool(tasks: list[Task], settings: list[Settings], on_result: Callable[[R
                     w.process.join(timeout=1.0)
                     status, message = (("timeout", f"grading took longer than {submission_timeout:g} s; stopped")
                                        if overdue else
-                                       ("grader_error", f"the grading worker was killed or crashed (exit code "
+                                       (Status.GRADER_ERROR, f"the grading worker was killed or crashed (exit code "
                                                         f"{w.process.exitcode}) while grading this submission"))
                     task = w.task
                     kill_tree(w.process.pid)

@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Assignment", "ASSIGNMENTS", "KIT_ROOT", "assignment", "assignment_of"]
+from helpers.config import KIT_ROOT
 
-KIT_ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["Assignment", "ASSIGNMENTS", "KIT_ROOT", "SOLUTIONS_DIR", "assignment", "assignment_of"]
+
+#: The kit's own solution notebooks (a course variant passes another folder; see ``KitConfig.solutions``).
+SOLUTIONS_DIR = KIT_ROOT / "solutions"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import pytest
 from autograder.policy import check_cell
 from autograder.preprocessors import kernel_verdict
 from autograder.testing import TOY_CHECKS_MODULE, strip_solution, write_toy_course
+from autograder.types import CourseStructure, GradedCell, NotebookSpec
 from mutant_cases import mutant_cases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,7 @@ def rechecker(toy, monkeypatch_module):
 
     source, module_dir = toy
     monkeypatch_module.setenv("PYTHONPATH", os.pathsep.join([str(module_dir), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch_module.syspath_prepend(str(module_dir))  # the grader side records the reference's values too
     client = RecheckClient(source, [TOY_CHECKS_MODULE], [str(source)], timeout_s=6, memory_bytes=3 * 2**30,
                            threads=1)
     yield client
@@ -173,13 +175,13 @@ RECHECK_CASES = [
 @pytest.mark.parametrize("label,function,source,status,fragment", RECHECK_CASES, ids=[c[0] for c in RECHECK_CASES])
 def test_recheck(rechecker, label, function, source, status, fragment):
     result = rechecker.check(function, source)
-    assert result["status"] == status, result
-    assert fragment in result["message"], result
+    assert result.status == status, result
+    assert fragment in result.message, result
 
 
 def test_recheck_server_recovers_after_killing_a_child(rechecker):
-    assert rechecker.check("double", "def double(x):\n    while True:\n        x += 1\n")["status"] == "timeout"
-    assert rechecker.check("double", "def double(x):\n    return x * 2\n")["status"] == "passed"
+    assert rechecker.check("double", "def double(x):\n    while True:\n        x += 1\n").status == "timeout"
+    assert rechecker.check("double", "def double(x):\n    return x * 2\n").status == "passed"
 
 
 def test_audit_hook_blocks_protected_files_processes_and_writes(tmp_path):
@@ -220,7 +222,7 @@ def test_graded_namespace_matches_reference_globals():
         if fn not in CHECKS:
             continue
         ours = {k for k, v in graded_namespace(fn, DEPENDS.get(fn, ()), SOLUTIONS).items() if callable(v)}
-        theirs = {k for k, v in reference_globals(fn).items() if callable(v)}
+        theirs = {k for k, v in reference_globals(fn, SOLUTIONS).items() if callable(v)}
         assert ours == theirs and fn not in ours, (fn, ours ^ theirs)
 
 
@@ -245,8 +247,9 @@ def test_orphans_of_a_submission_are_ended():
 
 # --- screening and verdicts ------------------------------------------------------------------------------
 
-EXPECTED = {"01_a": {"one": {"cells": [["test_f", 1.0, False]], "ids": ["f", "test_f"]}},
-            "02_b": {"two": {"cells": [["test_g", 1.0, False]], "ids": ["g", "test_g"]}}}
+EXPECTED = CourseStructure({
+    "01_a": {"one": NotebookSpec("one", (GradedCell("test_f", 1.0),), frozenset({"f", "test_f"}))},
+    "02_b": {"two": NotebookSpec("two", (GradedCell("test_g", 1.0),), frozenset({"g", "test_g"}))}})
 
 
 def _nb_with_ids(*ids: str) -> str:
@@ -292,7 +295,7 @@ def test_screen_notebook(tmp_path):
 def test_kernel_verdict(outputs, status):
     cell = nbformat.from_dict({"cell_type": "code", "source": "", "metadata": {}, "outputs": outputs,
                                "execution_count": 1})
-    assert kernel_verdict(cell)[0] == status
+    assert kernel_verdict(cell).status == status
 
 
 # --- pre-warmed kernels ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from autograder.checks import CHECKS, DEPENDS, hidden_check, reference_globals
 from autograder.checks.a04_consistency_loss import FORBIDDEN_NAMES as FORBIDDEN_04
 from autograder.checks.a05_multi_boundary import FORBIDDEN_NAMES as FORBIDDEN_05
 from autograder.reference import reference
+from helpers.course import SOLUTIONS_DIR
 from helpers.course import assignment
 from mutant_cases import mutant_cases
 
@@ -25,7 +26,7 @@ def _mutants(kind: str) -> list[tuple[str, str, str]]:
 def _answer(source: str, function: str):
     """Run an answer cell the way it is graded: in the answer-cell names plus the reference functions of the
     earlier assignments (and of the same-assignment functions it may call); return its function."""
-    ns = reference_globals(function)
+    ns = reference_globals(function, SOLUTIONS_DIR)
     exec(compile(source, f"<mutant {function}>", "exec"), ns)
     return ns[function]
 

@@ -27,10 +27,6 @@ ALLOWED: dict[tuple[str, str], str] = {
         "copies the kit's variables into the kernels' environment (a write for child processes)",
     ("autograder/forkserver.py", "os.environ[k]"):
         "copies _KEEP_ENV (PATH, HOME, ...: no kit setting) into the kernels' environment",
-    ("helpers/lab.py", "CD_KIT_MODEL"):
-        "default of --model; pending the move of lab.py to KitConfig (issue 13, its other engineer)",
-    ("helpers/reference_run.py", "os.environ.get(DATA_ENV_VAR)"):
-        "recorded data folder; pending the move of reference_run.py to KitConfig (issue 13, its other engineer)",
 }
 
 
@@ -227,3 +223,39 @@ def test_config_is_frozen():
     with pytest.raises(AttributeError):
         config.model = "sd15"  # type: ignore[misc]
     assert config.replace(model="sd15").model == "sd15" and config.model == "small"
+
+
+# --- one direction between the packages ------------------------------------------------------------------
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a Python file, function bodies included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_helpers_never_imports_the_grader():
+    """helpers/ is what students install and import; the grader builds on it, never the other way round."""
+    bad = [f"{p.relative_to(ROOT)}:{line}: import {mod}" for p in sorted((ROOT / "helpers").rglob("*.py"))
+           for line, mod in _imports(p) if mod == "autograder" or mod.startswith("autograder.")]
+    assert not bad, "helpers must not import autograder:\n  " + "\n  ".join(bad)
+
+
+def test_notebooks_never_import_the_command_line_tools():
+    """helpers.commands holds the command-line tools (reference run, lab, model training): no notebook needs them."""
+    bad = []
+    for nb_path in sorted([*(ROOT / "solutions").glob("*/*.ipynb"), *(ROOT / "notebooks").glob("*/*.ipynb")]):
+        for i, cell in enumerate(json.loads(nb_path.read_text(encoding="utf-8"))["cells"]):
+            if cell["cell_type"] == "code" and "helpers.commands" in "".join(cell["source"]):
+                bad.append(f"{nb_path.relative_to(ROOT)} cell {i}")
+    assert not bad, bad
+
+
+def test_the_import_check_sees_lazy_imports(tmp_path):
+    sample = tmp_path / "m.py"
+    sample.write_text("def f():\n    from autograder.reference import reference\n    import os\n")
+    assert (2, "autograder.reference") in _imports(sample)

@@ -18,7 +18,7 @@ import zmq
 from nbclient import NotebookClient
 from traitlets.config import Config
 
-from helpers.config import KitConfig
+from helpers.config import KitConfig, setting_fields
 from helpers.course import ASSIGNMENTS, Assignment
 from helpers.device import pick_device
 from helpers.models import resolve_model
@@ -97,12 +97,12 @@ def execute_notebook(path: Path, env: dict[str, str], cell_timeout: int | None =
 
 
 def kernel_env(config: KitConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The kernels' environment: ``base`` (default: this process's, for PATH, HF_HOME...) without
-    ``NBGRADER_EXECUTION`` (it would make helpers.report write nothing) and ``CD_KIT_REDUCED``, then the
-    variables of the kernels' settings ``config`` (``CD_KIT_OUT``, ``CD_KIT_MODEL``, ``CD_KIT_REDUCED=1``
-    when reduced...) and ``MPLBACKEND=Agg``."""
-    env = {k: v for k, v in (os.environ if base is None else base).items()
-           if k not in ("NBGRADER_EXECUTION", "CD_KIT_REDUCED")}
+    """The kernels' environment: ``base`` (default: this process's, for PATH, HF_HOME...) without any kit
+    setting, then exactly the variables of the kernels' settings ``config`` (``CD_KIT_OUT``, ``CD_KIT_MODEL``,
+    ``CD_KIT_REDUCED=1`` when reduced...; never ``NBGRADER_EXECUTION``, which would make helpers.report write
+    nothing) and ``MPLBACKEND=Agg``."""
+    kit = {f.metadata["env"] for f in setting_fields()}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in kit}
     return {**env, **config.replace(execution="").to_environ(), "MPLBACKEND": "Agg"}
 
 
