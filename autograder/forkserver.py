@@ -386,13 +386,22 @@ class RecheckClient:
             self._cache[key] = result
         return self._cache[key]
 
-    def _tape(self, function: str) -> list[list[str]]:
-        """The recorded values of ``function``'s reference on its battery (recorded here, in the grader)."""
+    def _store(self) -> TapeStore:
         if self._tapes is None:
-            self._batteries = load_batteries(self.config["check_modules"])
+            if self._batteries is None:
+                self._batteries = load_batteries(self.config["check_modules"])
             self._tapes = TapeStore(self.config["source_dir"], self._batteries.checks, self._batteries.depends,
                                     self.tape_dir, self.seed)
-        return [[e.digest, e.value] for e in self._tapes.get(function)]
+        return self._tapes
+
+    def prepare(self) -> dict[str, float]:
+        """Record (or load from ``tape_dir``) every function's tape now, before any kernel runs."""
+        functions = [f for f in sorted(self._store().checks) if f in source_functions(self.config["source_dir"])]
+        return self._store().record_all(functions)
+
+    def _tape(self, function: str) -> list[list[str]]:
+        """The recorded values of ``function``'s reference on its battery (recorded here, in the grader)."""
+        return [[e.digest, e.value] for e in self._store().get(function)]
 
     def _verified(self, function: str, reply: dict) -> Verdict:
         """The child's verdict, unless the answers it committed differ from the reference's recorded values: that

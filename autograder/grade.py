@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autograder.config import CELL_TIMEOUT_S, COURSE_ID, MAX_OUTPUT_BYTES, course_config
+from autograder.batteries import load_batteries
+from autograder.tape import DEFAULT_CHECK_SEED, TapeStore
 from autograder.types import CellRow, CourseStructure, Status
+from helpers.config import KitConfig
+from helpers.notebook_functions import source_functions
 from helpers.course import KIT_ROOT, SOLUTIONS_DIR
 from autograder.worker import Result, Settings, Task, run_pool
 
@@ -329,6 +333,17 @@ def _settings(n: int, source: Path, template: Path, expected: CourseStructure, t
                      recheck=recheck, worker_id=i, log_path=str(logs / f"worker-{i}.log")) for i in range(n)]
 
 
+def _record_tapes(source: Path, check_modules: tuple[str, ...], tape_dir: Path) -> float:
+    """Record every battery's tape into ``tape_dir`` (the workers load them); return the seconds it took."""
+    started = time.monotonic()
+    batteries = load_batteries(check_modules)
+    functions = [f for f in sorted(batteries.checks) if f in source_functions(source)]
+    seed = KitConfig.from_environ().check_seed
+    TapeStore(source, batteries.checks, batteries.depends, tape_dir,
+              DEFAULT_CHECK_SEED if seed is None else seed).record_all(functions)
+    return time.monotonic() - started
+
+
 def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = None,
           timeout: int = CELL_TIMEOUT_S, source_dir: str | Path | None = None,
           check_modules: Iterable[str] = ("autograder.checks",), memory_gb: float | None = None,
@@ -363,6 +378,8 @@ def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = 
         phases["prepare"] = time.monotonic() - started
         tasks, unknown = scan_submissions(submitted, expected)
         protected = [source, out, submitted, tmp, *kit_private_paths()]
+        if recheck and tasks:  # the reference's values on each battery, recorded once before any kernel runs
+            phases["record"] = _record_tapes(out / "source", tuple(check_modules), tmp / "tapes")
         settings = _settings(n, out / "source", template, expected, tmp, protected, tuple(check_modules),
                              timeout, memory_gb, recheck)
         limit = submission_timeout or timeout * (max(_code_cells(out / "source")) + 5)

@@ -266,6 +266,7 @@ def init_worker(settings: Settings):
                                settings.cell_timeout, settings.memory_bytes, settings.threads, log,
                                tape_dir=Path(settings.tmp_root) / "tapes" if settings.tmp_root else None)
         client.start()
+        client.prepare()  # the tapes the main process recorded, in memory before the first kernel runs
     GradingSession(rechecker=client).install()
     return client, kernels
 
