@@ -46,10 +46,6 @@ class ModelSpec:
     demo_prompt: str
     extra: dict = field(default_factory=dict)
 
-    @property
-    def is_small(self) -> bool:
-        return self.kind == "small"
-
 
 def resolve_model(model: str | None = None) -> ModelSpec:
     """Turn a model setting (``config.model``; ``None`` or empty: ``small``) into a :class:`ModelSpec`."""

@@ -39,7 +39,7 @@ def test_asking_for_cuda_without_a_gpu_says_what_to_do():
 
 def test_model_setting(make_config):
     small = resolve_model(make_config().model)
-    assert small.kind == "small" and small.is_small
+    assert small.kind == "small"
     for name in ("sd15", "SD1.5", "runwayml/stable-diffusion-v1-5", SD15_MODEL_ID):
         spec = resolve_model(name)
         assert spec.kind == "sd15" and spec.source == SD15_MODEL_ID  # the maintained mirror, never runwayml

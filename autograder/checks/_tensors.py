@@ -17,7 +17,8 @@ import torch
 from helpers.config import KitConfig
 
 __all__ = ["Setting", "settings", "new_generator", "randn", "randint", "step_pairs", "sd15_scheduler",
-           "linear_scheduler", "call", "assert_tensor", "assert_close", "assert_unchanged", "snapshot"]
+           "linear_scheduler", "call", "assert_tensor", "assert_close", "assert_unchanged", "snapshot", "close",
+           "max_err"]
 
 # SD1.5's noise schedule (scheduler/scheduler_config.json of the model); the shipped small model uses it too.
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -144,3 +145,16 @@ def assert_unchanged(name: str, before: list[torch.Tensor], after: list[torch.Te
         assert torch.equal(b, a.detach().to(b.device)), (
             f"{name} changed its input {label} in place; work on new tensors (no `+=`, `[...] =` or "
             "`.mul_()` on inputs or on scheduler.alphas_cumprod)")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    """Same shape and elementwise close (compared in fp32 on the CPU)."""
+    return a.shape == b.shape and torch.allclose(a.detach().float().cpu(), b.detach().float().cpu(),
+                                                 rtol=rtol, atol=atol)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference (inf when the shapes differ), for failure messages."""
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()

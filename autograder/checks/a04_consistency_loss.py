@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from autograder.checks._tensors import call, new_generator, sd15_scheduler, settings
+from autograder.checks._tensors import call, close, max_err, new_generator, sd15_scheduler, settings
 from helpers.fakes import (Recorder, ToyUNet, UNetCall, active_autocast, tiny_pipeline, track_autocast,
                            track_grad_scaler)
 from helpers.schedule import alpha_sigma
@@ -47,17 +47,6 @@ def assert_no_deprecated_amp(caught: list, name: str) -> None:
                       "torch.autocast('cuda', ...) / torch.amp.GradScaler('cuda', ...)")
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
-    return a.shape == b.shape and torch.allclose(a.detach().float().cpu(), b.detach().float().cpu(),
-                                                 rtol=rtol, atol=atol)
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
-
-
 # ------------------------------------------------------------------------------------------ pseudo-Huber
 def check_pseudo_huber_loss(student: Callable, ref: dict) -> None:
     """Values against the reference for large and tiny differences, several c, the default c; a scalar;
@@ -68,9 +57,9 @@ def check_pseudo_huber_loss(student: Callable, ref: dict) -> None:
         gen, seed = new_generator()
         x = torch.randn(4, 4, 8, 8, generator=gen).to(st.device, st.dtype)
         y = torch.randn(4, 4, 8, 8, generator=gen).to(st.device, st.dtype)
-        close = x + (1e-4 * torch.randn(4, 4, 8, 8, generator=gen)).to(st.device, st.dtype)
+        near = x + (1e-4 * torch.randn(4, 4, 8, 8, generator=gen)).to(st.device, st.dtype)
         cases = [("x, y with differences of order 1, default c", (x, y), {}),
-                 ("differences of order 1e-4 (below c = 0.001), default c", (x, close), {}),
+                 ("differences of order 1e-4 (below c = 0.001), default c", (x, near), {}),
                  ("c = 0.1 given by keyword", (x, y), {"c": 0.1}),
                  ("c = 0.5 given as the third argument", (x, 0.5 * y), 0.5)]
         for what, (a, b), c in cases:
@@ -84,7 +73,7 @@ def check_pseudo_huber_loss(student: Callable, ref: dict) -> None:
                 f"{name} must return a scalar tensor (0-d, the mean over all elements), got "
                 f"{type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))} [{what}]")
             tol = (1e-3, 1e-9) if st.dtype == torch.float32 else (2e-2, 1e-5)
-            assert _close(out, exp, *tol), (
+            assert close(out, exp, *tol), (
                 f"{name}, {what}: got {out.item():.6g}, expected {exp.item():.6g}. The loss is the mean over all "
                 f"elements of sqrt((x - y)^2 + c^2) - c (c squared inside the root, minus c, mean not sum) [seed {seed}]")
         a = x.detach().clone().float().requires_grad_(True)
@@ -130,14 +119,14 @@ def _teacher_case(student: Callable, ref: dict, w: float, uncond: bool, sched, s
         "provides targets)")
     assert not out.requires_grad, f"{name} returned a tensor that requires grad: compute it under torch.no_grad()"
     used_uncond = any(c.encoder_hidden_states is not None and c.encoder_hidden_states.shape[0] >= n
-                      and any(_close(chunk, empty) for chunk in c.encoder_hidden_states.split(n))
+                      and any(close(chunk, empty) for chunk in c.encoder_hidden_states.split(n))
                       for c in calls) if uncond else False
     if w <= 1:
         assert not used_uncond, (
             f"{name}: with guidance_scale = {w} (<= 1) there is no classifier-free guidance (diffusers' convention: "
             "CFG only when w > 1); call the teacher on the prompt embeddings only")
-    assert _close(out, expected, 1e-4, 1e-5), (
-        f"{name}, {what}: wrong x_s (max abs error {_max_err(out, expected):.3g}). Expected eps = eps_u + w*(eps_c - "
+    assert close(out, expected, 1e-4, 1e-5), (
+        f"{name}, {what}: wrong x_s (max abs error {max_err(out, expected):.3g}). Expected eps = eps_u + w*(eps_c - "
         "eps_u) when w > 1 (eps_c with prompt_embeds, eps_u with uncond_prompt_embeds, the teacher at (x_t, t)), "
         f"eps = eps_c otherwise, then x_s = ddim_solver_step(eps, x_t, t, s, scheduler) [seed {seed}]")
 
@@ -214,16 +203,16 @@ def _check_loss_run(r: dict, ref: dict) -> torch.Tensor:
         f"{name}: s must be max(t - step_size, 0) for each sample {tag}")
     assert torch.equal(xs_call["x_0"], r["latents"]), f"{name}: pass the clean latents as get_xs_from_xt's x_0"
     assert xs_call["scheduler"] is r["sched"], f"{name}: pass the scheduler on to get_xs_from_xt"
-    assert xs_call["prompt_embeds"] is not None and _close(xs_call["prompt_embeds"], r["embeds"]), (
+    assert xs_call["prompt_embeds"] is not None and close(xs_call["prompt_embeds"], r["embeds"]), (
         f"{name}: pass prompt_embeds=prompt_embeds to get_xs_from_xt (the distillation target needs them)")
     noise = xs_call["noise"]
     assert isinstance(noise, torch.Tensor), (
         f"{name}: pass noise=noise (the noise that made x_t) to get_xs_from_xt")
     alpha_t, sigma_t = alpha_sigma(r["sched"], t.cpu(), 4)
     x_t_expected = alpha_t * r["latents"] + sigma_t * noise.float()
-    assert _close(xs_call["x_t"], x_t_expected, 1e-4, 1e-5), (
+    assert close(xs_call["x_t"], x_t_expected, 1e-4, 1e-5), (
         f"{name}: the x_t given to get_xs_from_xt is not q_sample(latents, t, scheduler, noise=noise) "
-        f"(max abs error {_max_err(xs_call['x_t'], x_t_expected):.3g}) {tag}")
+        f"(max abs error {max_err(xs_call['x_t'], x_t_expected):.3g}) {tag}")
     x_s = xs_call["return"]
 
     boundary_calls = r["boundary"].calls
@@ -239,11 +228,11 @@ def _check_loss_run(r: dict, ref: dict) -> torch.Tensor:
         f"It made {len(calls)} call(s), at timesteps {where}. The boundary is reached with ddim_solver_step, "
         f"never by running the UNet at the boundary timestep {tag}")
     pred_call, target_call = at_t[0], at_s[0]
-    assert _close(pred_call.sample, xs_call["x_t"]), f"{name}: the UNet call at t must get x_t {tag}"
-    assert _close(target_call.sample, x_s), (
+    assert close(pred_call.sample, xs_call["x_t"]), f"{name}: the UNet call at t must get x_t {tag}"
+    assert close(target_call.sample, x_s), (
         f"{name}: the UNet call at s must get x_s, the output of get_xs_from_xt (not x_t) {tag}")
     for c, which in ((pred_call, "prediction"), (target_call, "target")):
-        assert c.encoder_hidden_states is not None and _close(c.encoder_hidden_states, r["embeds"]), (
+        assert c.encoder_hidden_states is not None and close(c.encoder_hidden_states, r["embeds"]), (
             f"{name}: the {which} UNet call must get encoder_hidden_states=prompt_embeds")
     assert pred_call.grad_enabled, f"{name}: the prediction UNet(x_t, t) must run with gradients (it is trained)"
     assert pred_call.autocast and target_call.autocast, (
@@ -265,16 +254,16 @@ def _check_loss_run(r: dict, ref: dict) -> torch.Tensor:
         "torch.no_grad() (stop-gradient), so that only the prediction is trained")
     expected_pred = ddim(pred_call.output, pred_call.sample, t.cpu(), b, r["sched"])
     expected_target = ddim(target_call.output, x_s.detach().float(), s.cpu(), b, r["sched"])
-    assert _close(pred, expected_pred, 1e-3, 1e-4), (
+    assert close(pred, expected_pred, 1e-3, 1e-4), (
         f"{name}: boundary_pred must be ddim_solver_step(eps, x_t, t, b, scheduler) with eps = UNet(x_t, t) and "
-        f"b = get_boundary_timesteps(s) (max abs error {_max_err(pred, expected_pred):.3g}) {tag}")
-    assert _close(target, expected_target, 1e-3, 1e-4), (
+        f"b = get_boundary_timesteps(s) (max abs error {max_err(pred, expected_pred):.3g}) {tag}")
+    assert close(target, expected_target, 1e-3, 1e-4), (
         f"{name}: boundary_target must be ddim_solver_step(eps_s, x_s, s, b, scheduler) with eps_s = UNet(x_s, s) "
-        f"and the same b (max abs error {_max_err(target, expected_target):.3g}); where b == s it is x_s itself {tag}")
+        f"and the same b (max abs error {max_err(target, expected_target):.3g}); where b == s it is x_s itself {tag}")
     loss = r["loss"]
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0, (
         f"{name} must return loss_fn's result (a scalar tensor), got {type(loss).__name__}")
-    assert _close(loss, lcall["return"]), f"{name} must return loss_fn(boundary_pred, boundary_target) as it is"
+    assert close(loss, lcall["return"]), f"{name} must return loss_fn(boundary_pred, boundary_target) as it is"
 
     # Gradients flow into the prediction only: compare with the same loss built from the records.
     unet = r["unet"]
@@ -285,7 +274,7 @@ def _check_loss_run(r: dict, ref: dict) -> torch.Tensor:
     expected_loss = ((ddim(eps, pred_call.sample, t.cpu(), b, r["sched"]).float() - target.detach().float()) ** 2).mean()
     expected_loss.backward()
     want = [p.grad for p in unet.parameters()]
-    assert all(_close(g, w, 1e-3, 1e-7) for g, w in zip(got, want)), (
+    assert all(close(g, w, 1e-3, 1e-7) for g, w in zip(got, want)), (
         f"{name}: the gradient of the loss with respect to the UNet's weights is wrong: it must flow through "
         f"boundary_pred only {tag}")
     return t
@@ -406,12 +395,12 @@ def _train_case(student: Callable, num_steps: int, k: int, n_batches: int, amp_d
         "batches, through scaler.step(optimizer))")
     assert all(rec["training"] for rec in records), f"{name}: put the model in train mode (unet.train())"
     for got, want in zip(model.parameters(), want_params):
-        assert _close(got, want, 1e-4, 1e-6), (
+        assert close(got, want, 1e-4, 1e-6), (
             f"{name}: after training, the weights differ from {num_steps} full-batch steps on the same data "
-            f"(max abs error {_max_err(got, want):.3g}). Divide each micro-batch loss by gradient_accumulation_steps, "
+            f"(max abs error {max_err(got, want):.3g}). Divide each micro-batch loss by gradient_accumulation_steps, "
             "step once per gradient_accumulation_steps micro-batches, and zero the gradients after each step")
     got_losses = torch.tensor([float(v) for v in losses])
-    assert _close(got_losses, torch.tensor(want_losses), 1e-4, 1e-6), (
+    assert close(got_losses, torch.tensor(want_losses), 1e-4, 1e-6), (
         f"{name}: the returned losses {[round(v, 4) for v in got_losses.tolist()]} should be the mean loss of each "
         f"step's micro-batches {[round(v, 4) for v in want_losses]} (the sum of the divided losses)")
     assert scaler.created and all(c["device"] == "cuda" for c in scaler.created), (
@@ -483,15 +472,15 @@ def analyse_sampler_calls(calls: list[UNetCall], cond: torch.Tensor, uncond: tor
         assert len(t_values) == 1, f"{name}: all images of a step share one timestep, got {sorted(t_values)}"
         t = t_values.pop()
         for x, text, eps in _chunks(c, batch):
-            if _close(text, cond, 1e-4, 1e-5):
+            if close(text, cond, 1e-4, 1e-5):
                 kind = "cond"
-            elif _close(text, uncond, 1e-4, 1e-5):
+            elif close(text, uncond, 1e-4, 1e-5):
                 kind = "uncond"
             else:
                 raise AssertionError(
                     f"{name}: the UNet got text embeddings that are neither the prompts' (from pipe.encode_prompt, "
                     "each prompt repeated num_images_per_prompt times in a row) nor the empty prompt's")
-            if not steps or steps[-1]["t"] != t or kind in steps[-1] or not _close(steps[-1]["x"], x):
+            if not steps or steps[-1]["t"] != t or kind in steps[-1] or not close(steps[-1]["x"], x):
                 steps.append({"t": t, "x": x})
             steps[-1][kind] = eps
     for st in steps:
@@ -531,10 +520,10 @@ def assert_decoded(pipe, out, x0: torch.Tensor, name: str) -> None:
     assert isinstance(out, torch.Tensor) and out.shape == expected.shape, (
         f"{name} with output_type='pt' must return a tensor {tuple(expected.shape)} (images in [0, 1]), got "
         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-    assert _close(out, expected, 1e-3, 1e-3), (
+    assert close(out, expected, 1e-3, 1e-3), (
         f"{name}: the images are not the VAE decoding of the final latents (divide by "
         "pipe.vae.config.scaling_factor, then pipe.image_processor.postprocess(image, output_type=...)); "
-        f"max abs error {_max_err(out, expected):.3g}")
+        f"max abs error {max_err(out, expected):.3g}")
 
 
 def _cm_sampling_run(student: Callable, ref: dict, prompts, n: int, steps: int, guidance: float, seed: int,
@@ -574,7 +563,7 @@ def _check_cm_steps(r: dict, ref: dict) -> torch.Tensor:
         f"{name}: the UNet ran at timesteps {got}; expected the trailing DDIM timesteps {want} "
         "(pipe.scheduler.set_timesteps(num_inference_steps); scheduler.timesteps), one step each")
     if r["latents"] is not None:
-        assert _close(steps[0]["x"], r["latents"] * sched.init_noise_sigma), (
+        assert close(steps[0]["x"], r["latents"] * sched.init_noise_sigma), (
             f"{name}: the first step must start from the given latents")
     else:
         x = steps[0]["x"]
@@ -614,17 +603,17 @@ def check_consistency_sampling(student: Callable, ref: dict) -> None:
     x0 = _check_cm_steps(r, ref)
     name = r["name"]
     out = r["out"]
-    assert isinstance(out, torch.Tensor) and _close(out, x0, 1e-4, 1e-4), (
+    assert isinstance(out, torch.Tensor) and close(out, x0, 1e-4, 1e-4), (
         f"{name}: with output_type='latent' return the final x0_hat latents (the DDIM step to 0 at the last "
-        f"timestep), max abs error {_max_err(out, x0) if isinstance(out, torch.Tensor) else '?'}")
+        f"timestep), max abs error {max_err(out, x0) if isinstance(out, torch.Tensor) else '?'}")
     again = _cm_sampling_run(student, ref, prompts, 2, 4, 1.0, seed, "latent", True)
-    assert _close(again["out"], out, 0, 0), (
+    assert close(again["out"], out, 0, 0), (
         f"{name}: two runs with the same generator seed differ: draw every noise from `generator` "
         "(e.g. diffusers.utils.torch_utils.randn_tensor(shape, generator=generator, ...)), not from torch's global one")
     other = _cm_sampling_run(student, ref, prompts, 2, 4, 1.0, seed, "latent", True, gen_seed=seed + 1)
     other_x = [st["x"] for st in analyse_sampler_calls(other["calls"], other["cond"], other["uncond"], 1.0, name)]
     first_x = [st["x"] for st in analyse_sampler_calls(r["calls"], r["cond"], r["uncond"], 1.0, name)]
-    assert not _close(other_x[1], first_x[1], 1e-3, 1e-3), (
+    assert not close(other_x[1], first_x[1], 1e-3, 1e-3), (
         f"{name}: the noise between steps does not depend on the generator's seed: draw it from `generator`")
 
     r = _cm_sampling_run(student, ref, prompts, 2, 4, 3.0, seed + 2, "pt", True)
@@ -639,7 +628,7 @@ def check_consistency_sampling(student: Callable, ref: dict) -> None:
     again = _cm_sampling_run(student, ref, "the digit two", 3, 2, 1.0, seed + 3, "latent", False)
     first_x = analyse_sampler_calls(r["calls"], r["cond"], r["uncond"], 1.0, r["name"])[0]["x"]
     again_x = analyse_sampler_calls(again["calls"], again["cond"], again["uncond"], 1.0, r["name"])[0]["x"]
-    assert _close(first_x, again_x, 0, 0), (
+    assert close(first_x, again_x, 0, 0), (
         f"{r['name']}: without latents, draw the initial noise from `generator` (pipe.prepare_latents or "
         "randn_tensor with generator=generator)")
 

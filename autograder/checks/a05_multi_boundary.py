@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from autograder.checks._tensors import call, new_generator
-from autograder.checks.a04_consistency_loss import (_close, _max_err, _prompt_embeddings, analyse_sampler_calls,
+from autograder.checks._tensors import call, close, max_err, new_generator
+from autograder.checks.a04_consistency_loss import (_prompt_embeddings, analyse_sampler_calls,
                                                     assert_decoded, quiet_rng)
 from helpers.fakes import ToyUNet, tiny_pipeline, track_autocast
 
@@ -95,7 +95,7 @@ def _check_steps(r: dict, ref: dict) -> torch.Tensor:
         f"{name}: the UNet ran at timesteps {got}; with {k} boundaries the matched sampler evaluates it at "
         f"{want} and steps to {targets} (from 999 to the highest boundary below it, then boundary to boundary)")
     if r["latents"] is not None:
-        assert _close(steps[0]["x"], r["latents"] * pipe.scheduler.init_noise_sigma), (
+        assert close(steps[0]["x"], r["latents"] * pipe.scheduler.init_noise_sigma), (
             f"{name}: the first step must start from the given latents")
     batch = r["cond"].shape[0]
     x = None
@@ -103,10 +103,10 @@ def _check_steps(r: dict, ref: dict) -> torch.Tensor:
         tt = torch.full((batch,), st["t"], dtype=torch.long)
         x = ddim(st["eps"], st["x"], tt, torch.full_like(tt, b), pipe.scheduler)
         if i + 1 < len(steps):
-            assert _close(steps[i + 1]["x"], x, 1e-4, 1e-4), (
+            assert close(steps[i + 1]["x"], x, 1e-4, 1e-4), (
                 f"{name}: the input at t = {steps[i + 1]['t']} must be ddim_solver_step(eps, x, {st['t']}, {b}) "
                 f"of the previous step (a deterministic DDIM step of the student to the boundary, no fresh noise); "
-                f"max abs error {_max_err(steps[i + 1]['x'], x):.3g}")
+                f"max abs error {max_err(steps[i + 1]['x'], x):.3g}")
     return x
 
 
@@ -118,7 +118,7 @@ def check_multi_boundary_sampling(student: Callable, ref: dict) -> None:
     r = _run(student, prompts, 2, 4, 1.0, seed, "latent", True)
     x = _check_steps(r, ref)
     out = r["out"]
-    assert isinstance(out, torch.Tensor) and _close(out, x, 1e-4, 1e-4), (
+    assert isinstance(out, torch.Tensor) and close(out, x, 1e-4, 1e-4), (
         f"{r['name']}: with output_type='latent' return the latents after the last step (at timestep 0)")
     r = _run(student, prompts, 1, 2, 3.0, seed + 1, "pt", True)
     assert_decoded(r["pipe"], r["out"], _check_steps(r, ref), r["name"])
@@ -130,7 +130,7 @@ def check_multi_boundary_sampling(student: Callable, ref: dict) -> None:
     again = _run(student, "the digit two", 3, 1, 1.0, seed + 2, "latent", False)
     first = analyse_sampler_calls(r["calls"], r["cond"], r["uncond"], 1.0, r["name"])[0]["x"]
     second = analyse_sampler_calls(again["calls"], again["cond"], again["uncond"], 1.0, r["name"])[0]["x"]
-    assert _close(first, second, 0, 0), (
+    assert close(first, second, 0, 0), (
         f"{r['name']}: without latents, draw the initial noise from `generator` (pipe.prepare_latents or "
         "randn_tensor with generator=generator)")
 
