@@ -367,7 +367,10 @@ def recheck_in_child(request: dict, batteries: Batteries, protected: list[str], 
     seed_like_recheck()
     writable = [workdir, *writable]
     try:
-        confined = landlock.confine([*landlock.default_read_roots(), *writable], [*writable, "/dev"], protected)
+        # /dev and /proc writable: CUDA's driver opens its devices read-write and writes under /proc when it
+        # starts (without /proc, cudaGetDeviceCount fails with error 304 in the child; seen on an H200 host)
+        confined = landlock.confine([*landlock.default_read_roots(), *writable], [*writable, "/dev", "/proc"],
+                                    protected)
     except OSError as err:
         return {"status": "recheck_error", "message": f"could not confine the re-check (Landlock): {err}"}
     if request.get("filters", True):  # off only in the tests that show the reference is out of reach anyway

@@ -25,6 +25,9 @@ KIT_NAMES = frozenset(f.metadata["env"] for f in setting_fields())
 ALLOWED: dict[tuple[str, str], str] = {
     ("autograder/forkserver.py", "CD_KIT_"):
         "copies the kit's variables into the kernels' environment (a write for child processes)",
+    ("autograder/tape.py", "os.environ.get(variable)"):
+        "saves CD_KIT_CHECK_SEED to restore it after the grader's recorded run sets it (the batteries read it "
+        "through KitConfig)",
     ("autograder/forkserver.py", "os.environ[k]"):
         "copies _KEEP_ENV (PATH, HOME, ...: no kit setting) into the kernels' environment",
 }
