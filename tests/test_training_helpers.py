@@ -552,3 +552,29 @@ def test_student_trained_on_a_half_loaded_base_rebuilds_exactly(tmp_path):
     training.load_adapter(naive, path)
     naive.eval()
     assert (_out(naive, probe) - _out(unet, probe)).abs().max() > 1e-6, "fp32 base differs from the fp16-loaded one"
+
+
+def test_sampling_shows_one_bar_in_images(kit_config, make_config, capsys):
+    """One tqdm bar over the images (unit img); the pipeline's own per-step bar stays off and its settings
+    come back afterwards; under nbgrader the bar goes to stdout."""
+    pipe = tiny_pipeline(ToyUNet(sample_size=16))
+    pipe.set_progress_bar_config(disable=False, leave=True)
+    eval_set = evaluation.make_eval_set(pipe, per_digit=1)
+    evaluation.evaluate("teacher_ddim2", evaluation.pipeline_sampler(pipe, 2, 2.0), eval_set, None, kit_config,
+                        batch_size=4, record=False)
+    err = capsys.readouterr().err
+    assert "teacher_ddim2" in err and "10/10" in err and "img/s" in err, err
+    assert "2/2" not in err and "it/s" not in err, f"the pipeline's own bar showed too: {err!r}"
+    assert pipe._progress_bar_config == {"disable": False, "leave": True}, "the pipeline's bar settings are restored"
+
+    def sampler(pipe_, prompts, num_images_per_prompt, latents, generator, output_type):
+        for _ in pipe_.progress_bar(range(3)):
+            pass
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+    graded = make_config(execution="autograde")
+    evaluation.evaluate("student", evaluation.function_sampler(sampler, pipe), eval_set, None, graded, batch_size=5,
+                        record=False)
+    out = capsys.readouterr()
+    assert "student" in out.out and "10/10" in out.out and "img" in out.out and "3/3" not in out.out + out.err
+    assert out.err == "", "under nbgrader the bar writes to stdout"
