@@ -334,7 +334,7 @@ def model_card(base_model: str | None, adapter_name: str = "multi_cd", lora: dic
     shown_base = (f"the local model folder `{Path(str(base_model)).name}`" if local_base
                   else f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "its base model")
     where = repo_id or "path/to/this/folder"
-    base_id = base_model if base_model and not local_base else "<base model>"
+    base_id = (f"path/to/{Path(str(base_model)).name}" if local_base else base_model) or "<base model>"
     lines = [f"# Consistency-distilled LoRA of {Path(str(base_model)).name if base_model else 'a Stable Diffusion model'}",
              "",
              f"A LoRA adapter (`{adapter_name}`) for {shown_base}, trained by consistency distillation from the "

@@ -292,6 +292,7 @@ def test_an_adapter_saved_like_the_lcm_lora_script_loads_into_the_kit_samplers(t
     assert not torch.equal(got, teacher)
 
 
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")
 def test_a_file_that_loses_weights_on_reload_is_refused(tmp_path):
     """diffusers issue 14548: convert_state_dict_to_diffusers with the 14 target kinds drops the attention LoRA."""
     from diffusers import StableDiffusionPipeline
