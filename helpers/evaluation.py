@@ -12,16 +12,18 @@ A *sampler* here is any function ``sampler(prompts, latents) -> images`` returni
 student sampled the plain DDIM way) and :func:`function_sampler` wraps a student sampler of the course
 (``consistency_sampling``, ``multi_boundary_sampling``). :func:`evaluate` records the numbers with
 :func:`helpers.report.record_sampler` and the time with :func:`helpers.report.record_timing` (as
-``sample_<name>``). The teacher's 50-step images are cached on disk (not under nbgrader) so that
+``sample_<name>``). Sampling shows one progress bar in images (``img/s``); the pipeline's own bar is off
+during a sampler's call. The teacher's 50-step images are cached on disk (not under nbgrader) so that
 notebook 05 reuses those of notebook 04.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,7 @@ import torch
 from helpers.config import KitConfig
 
 __all__ = ["EvalSet", "EvalResult", "Sampler", "make_eval_set", "default_batch_size", "pipeline_sampler", "function_sampler",
+           "pipeline_bar_off",
            "generate", "evaluate", "teacher_reference", "results_table", "show_results"]
 
 Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
@@ -93,11 +96,26 @@ def _inference_context(device: torch.device):
     return nullcontext()
 
 
+@contextmanager
+def pipeline_bar_off(pipe) -> Iterator[None]:
+    """The pipeline's own (per-step) progress bar off inside the context, its settings restored afterwards."""
+    had = hasattr(pipe, "_progress_bar_config")
+    before = dict(getattr(pipe, "_progress_bar_config", None) or {})
+    pipe.set_progress_bar_config(**{**before, "disable": True})
+    try:
+        yield
+    finally:
+        if had:
+            pipe.set_progress_bar_config(**before)
+        else:
+            del pipe._progress_bar_config
+
+
 def pipeline_sampler(pipe, num_inference_steps: int, guidance_scale: float) -> Sampler:
     """The diffusers pipeline's own DDIM sampling (trailing timesteps) from the given latents."""
     def sample(prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
         device = pipe.unet.device
-        with torch.inference_mode(), _inference_context(device):
+        with torch.inference_mode(), _inference_context(device), pipeline_bar_off(pipe):
             out = pipe(prompt=list(prompts), latents=latents.to(device), num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, output_type="pt")
         return out.images.float().cpu()
@@ -110,7 +128,7 @@ def function_sampler(fn: Callable, pipe, seed: int = 0, **kwargs) -> Sampler:
     def sample(prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
         device = pipe.unet.device
         gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.inference_mode(), _inference_context(device):
+        with torch.inference_mode(), _inference_context(device), pipeline_bar_off(pipe):
             images = fn(pipe, list(prompts), num_images_per_prompt=1, latents=latents.to(device), generator=gen,
                         output_type="pt", **kwargs)
         if not isinstance(images, torch.Tensor) or images.shape[0] != len(prompts):
@@ -120,12 +138,23 @@ def function_sampler(fn: Callable, pipe, seed: int = 0, **kwargs) -> Sampler:
     return sample
 
 
-def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None) -> tuple[torch.Tensor, float]:
-    """Run ``sampler`` over the evaluation set in batches; returns ``(images, seconds)``."""
+def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None, desc: str | None = None,
+             config: KitConfig | None = None, progress: bool = True) -> tuple[torch.Tensor, float]:
+    """Run ``sampler`` over the evaluation set in batches; returns ``(images, seconds)``. One progress bar
+    counts the images (``desc``, img/s); it writes to stdout while nbgrader runs (``config.grading``: a test
+    cell fails on stderr output), as :class:`helpers.answer_env.tqdm` does."""
+    from tqdm.auto import tqdm
+
     batch_size = batch_size or len(eval_set)
+    grading = config is not None and config.grading
+    bar = tqdm(total=len(eval_set), desc=desc, unit="img", disable=not progress,
+               file=sys.stdout if grading else None)
     start = time.perf_counter()
-    chunks = [sampler(eval_set.prompts[i:i + batch_size], eval_set.latents[i:i + batch_size])
-              for i in range(0, len(eval_set), batch_size)]
+    chunks = []
+    with bar:
+        for i in range(0, len(eval_set), batch_size):
+            chunks.append(sampler(eval_set.prompts[i:i + batch_size], eval_set.latents[i:i + batch_size]))
+            bar.update(len(eval_set.prompts[i:i + batch_size]))
     seconds = time.perf_counter() - start
     images = torch.cat(chunks)
     if images.shape[0] != len(eval_set) or images.ndim != 4:
@@ -142,7 +171,7 @@ def evaluate(name: str, sampler: Sampler, eval_set: EvalSet, reference: torch.Te
     from helpers.metrics import prompt_accuracy, psnr_db
     from helpers.report import record_sampler, record_timing
 
-    images, seconds = generate(sampler, eval_set, batch_size)
+    images, seconds = generate(sampler, eval_set, batch_size, desc=name, config=config)
     accuracy = prompt_accuracy(images, eval_set.digits)
     fidelity = psnr_db(images, images if reference is None else reference)
     result = EvalResult(name, images, accuracy, fidelity, seconds, dict(extra))

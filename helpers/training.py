@@ -9,10 +9,12 @@ tuned for the kit's small model. A training phase (``ct``, ``cd``, ``multi_cd``)
    adapters stay in the UNet, switched off, and are never overwritten by accident);
 3. :func:`make_optimizer` — a new AdamW over that adapter's weights only.
 
-:func:`start_phase` does all three. :func:`save_adapter` / :func:`load_adapter` write and read one adapter
-as the raw peft state dict plus its LoRA config in a safetensors file (the route through diffusers'
-``convert_state_dict_to_diffusers``/``load_lora_weights`` silently drops attention LoRA weights when conv,
-ff and time-embedding modules are targeted too; see the kit's stack notes).
+:func:`start_phase` does all three. :func:`save_adapter` writes one adapter as a diffusers LoRA folder
+(``StableDiffusionPipeline.save_lora_weights`` of the raw peft state dict, rank/alpha/targets in its
+metadata, and a model card), which ``pipe.load_lora_weights(folder_or_repo)`` loads exactly;
+:func:`load_adapter` reads such folders, diffusers' own LoRA folders, and the kit's earlier single-file
+format (:func:`convert_adapter` rewrites those). Not ``convert_state_dict_to_diffusers``: with conv, ff and
+time-embedding targets diffusers then drops every attention LoRA on reload (see the kit's stack notes).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ __all__ = ["SD15_LORA_TARGETS", "PROFILES", "PROFILE_ENV_VAR", "TrainSettings", 
            "SharedBaseTeacher", "make_teacher", "load_trained_unet", "lora_config", "run_settings", "num_phase_steps",
            "frozen_copy", "prepare_unet_for_phase", "adapter_names", "add_phase_adapter", "use_adapter",
            "adapters_disabled", "trainable_parameters", "make_optimizer", "start_phase", "save_adapter",
-           "load_adapter", "ADAPTER_FORMAT"]
+           "load_adapter", "convert_adapter", "model_card", "ADAPTER_FORMAT", "ADAPTER_WEIGHTS", "CARD_TAGS"]
 
 # The 14 module kinds the original course put LoRA on (rank 64).
 SD15_LORA_TARGETS: tuple[str, ...] = (
@@ -294,53 +296,180 @@ def start_phase(unet: torch.nn.Module, name: str, settings: TrainSettings, repla
 
 
 # ------------------------------------------------------------------------------------------ save / load
+# An adapter folder is diffusers' LoRA layout: ``pytorch_lora_weights.safetensors`` (the raw peft keys with
+# diffusers' ``unet.`` prefix, the LoRA config as diffusers' adapter metadata) and a model card ``README.md``.
+# ``pipe.load_lora_weights(folder_or_repo)`` gives back exactly the trained student. The raw peft keys are
+# deliberate: ``convert_state_dict_to_diffusers`` renames only the attention keys, and diffusers then drops
+# every attention LoRA on reload when conv, ff and time-embedding modules are targeted too (diffusers issue
+# 14548; the kit's stack notes, trap 3).
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+# The kit's earlier single-file format (raw peft keys, config in the safetensors metadata): still loaded,
+# and :func:`convert_adapter` rewrites such a file as an adapter folder.
 ADAPTER_FORMAT = "cd-course-kit/peft-lora-v1"
+CARD_TAGS = ("lora", "consistency-distillation", "diffusers", "text-to-image", "stable-diffusion")
 
 
-def save_adapter(unet: torch.nn.Module, name: str, path: str | Path, overwrite: bool = False) -> Path:
-    """Save adapter ``name`` as safetensors: the raw ``get_peft_model_state_dict`` (keys without the
-    adapter name) with the LoRA config and the adapter name in the file's metadata.
+def _lora_metadata(config) -> dict:
+    """A peft ``LoraConfig`` (or its dict) as JSON-ready adapter metadata (sets as sorted lists)."""
+    config = config if isinstance(config, dict) else config.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
-    An existing file is kept unless ``overwrite=True``; the file is written to a temporary name first and
-    then renamed, so an interrupted save never leaves a half-written adapter behind.
+
+def model_card(base_model: str | None, adapter_name: str = "multi_cd", lora: dict | None = None,
+               sampler: str | None = None, steps: int | None = None, metrics: dict | None = None,
+               repo_id: str | None = None, license_id: str | None = None):
+    """The model card (``huggingface_hub.ModelCard``) of an adapter folder: base model, tags (``lora``,
+    ``consistency-distillation``, ...), how to load it, the sampler and number of steps to use, the LoRA
+    rank/alpha/targets (``lora``: the adapter's config dict) and, when given, the run's ``metrics``
+    (``{name: value}`` or ``{sampler: {metric: value}}``). ``repo_id``: where it is published (the loading
+    example then names it). A ``base_model`` that is a local folder is named in the text only (the Hub's
+    ``base_model`` field takes a Hub id)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    local_base = base_model is not None and Path(str(base_model)).exists()
+    data = ModelCardData(base_model=None if local_base or not base_model else str(base_model),
+                         library_name="diffusers", pipeline_tag="text-to-image", tags=list(CARD_TAGS),
+                         license=license_id, adapter_name=adapter_name,
+                         inference_steps=steps, sampler=sampler)
+    shown_base = (f"the local model folder `{Path(str(base_model)).name}`" if local_base
+                  else f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "its base model")
+    where = repo_id or "path/to/this/folder"
+    base_id = (f"path/to/{Path(str(base_model)).name}" if local_base else base_model) or "<base model>"
+    lines = [f"# Consistency-distilled LoRA of {Path(str(base_model)).name if base_model else 'a Stable Diffusion model'}",
+             "",
+             f"A LoRA adapter (`{adapter_name}`) for {shown_base}, trained by consistency distillation from the "
+             "base model as teacher, so that it makes images in a few steps.",
+             "",
+             "## How to sample it",
+             ""]
+    if sampler or steps:
+        lines += [f"- Sampler: {sampler or 'see below'}", f"- Steps: {steps if steps is not None else 'see below'}",
+                  "- Guidance scale 1 (the teacher's guidance is distilled into the student).", ""]
+    lines += ["```python", "from diffusers import StableDiffusionPipeline", "",
+              f'pipe = StableDiffusionPipeline.from_pretrained("{base_id}")',
+              f'pipe.load_lora_weights("{where}")', "```", ""]
+    if lora:
+        targets = lora.get("target_modules")
+        targets = ", ".join(f"`{t}`" for t in (sorted(targets) if isinstance(targets, (set, list, tuple)) else [targets]))
+        lines += ["## LoRA", "", f"rank {lora.get('r')}, alpha {lora.get('lora_alpha')}; target modules: {targets}.",
+                  "The rank, alpha and targets are also stored in the weights file's metadata, so "
+                  "`load_lora_weights` rebuilds the adapter exactly.", ""]
+    if metrics:
+        lines += ["## Metrics of the training run", ""]
+        nested = all(isinstance(v, dict) for v in metrics.values())
+        if nested:
+            columns = sorted({k for v in metrics.values() for k in v})
+            lines += ["| sampler | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            lines += [f"| {name} | " + " | ".join(_fmt(v.get(c)) for c in columns) + " |" for name, v in metrics.items()]
+        else:
+            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines.append("")
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _write_adapter_folder(folder: Path, overwrite: bool, tensors: dict, metadata: dict, card) -> Path:
+    """Write weights and card to a temporary folder next to ``folder``, then move it into place (an existing
+    adapter is moved aside first and deleted only once the new one is in place)."""
+    import shutil
+    import tempfile
+    import uuid
+
+    from diffusers import StableDiffusionPipeline
+
+    if folder.suffix == ".safetensors":
+        raise ValueError(f"save_adapter writes a folder in diffusers' LoRA layout (weights + README.md): pass a "
+                         f"folder such as {folder.with_suffix('')}, not the file name {folder.name!r}")
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists already: pass overwrite=True to replace it, or choose another folder")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder: remove it or choose another folder")
+    if not tensors:
+        raise RuntimeError("The adapter has no weights to save")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers={k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            unet_lora_adapter_metadata=metadata, weight_name=ADAPTER_WEIGHTS)
+        card.save(tmp / "README.md")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            folder.rename(old)
+            try:
+                tmp.rename(folder)
+            except BaseException:
+                old.rename(folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_adapter(unet: torch.nn.Module, name: str, folder: str | Path, overwrite: bool = False, *,
+                 base_model: str | None = None, sampler: str | None = None, steps: int | None = None,
+                 metrics: dict | None = None, repo_id: str | None = None) -> Path:
+    """Save adapter ``name`` as a diffusers LoRA folder: ``pytorch_lora_weights.safetensors`` written by
+    ``StableDiffusionPipeline.save_lora_weights`` (the raw ``get_peft_model_state_dict``, with the rank,
+    alpha and target modules as the adapter metadata) and a model card ``README.md`` (:func:`model_card`;
+    ``base_model`` defaults to the UNet's ``_name_or_path``). ``pipe.load_lora_weights(folder)`` on the base
+    model then gives back exactly this student. Returns the folder.
+
+    An existing folder is kept unless ``overwrite=True``; the new adapter is written to a temporary folder
+    first and then moved into place, so an interrupted save never loses or half-writes an adapter.
     """
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"Save adapters as .safetensors files, got {path.name!r}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists already: pass overwrite=True to replace it, or choose another path")
     if name not in adapter_names(unet):
         raise ValueError(f"No adapter {name!r} in this UNet; it has {adapter_names(unet)}")
-    state = get_peft_model_state_dict(unet, adapter_name=name)
-    if not state:
-        raise RuntimeError(f"Adapter {name!r} has no weights to save")
-    config = unet.peft_config[name].to_dict()
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    metadata = {"format": ADAPTER_FORMAT, "adapter_name": name, "lora_config": json.dumps(config, default=str)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    metadata = _lora_metadata(unet.peft_config[name])
+    base_model = base_model or getattr(unet.config, "_name_or_path", None) or None
+    card = model_card(base_model, name, metadata, sampler=sampler, steps=steps, metrics=metrics, repo_id=repo_id)
+    return _write_adapter_folder(Path(folder), overwrite, get_peft_model_state_dict(unet, adapter_name=name),
+                                 metadata, card)
 
 
-def load_adapter(unet: torch.nn.Module, path: str | Path, name: str | None = None) -> str:
-    """Load an adapter saved by :func:`save_adapter` into ``unet`` under ``name`` (default: the saved name),
-    make it the active one and return its name. Every saved tensor must find its place in the UNet."""
-    from peft import LoraConfig, set_peft_model_state_dict
+def _kit_file(path: Path) -> dict | None:
+    """The metadata of a file in the kit's earlier single-file format, else None."""
     from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return metadata if metadata.get("format") == ADAPTER_FORMAT else None
+
+
+def convert_adapter(path: str | Path, folder: str | Path, base_model: str | None = None,
+                    overwrite: bool = False) -> Path:
+    """Rewrite an adapter file in the kit's earlier format (one ``.safetensors`` file: raw peft keys, the
+    LoRA config in its metadata) as an adapter folder of :func:`save_adapter`, which
+    ``pipe.load_lora_weights`` loads. Returns the folder."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No adapter file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path} was not written by save_adapter (metadata format {metadata.get('format')!r})")
+    metadata = _kit_file(path) if path.is_file() else None
+    if metadata is None:
+        raise ValueError(f"{path} is not an adapter file of the kit's earlier format ({ADAPTER_FORMAT})")
+    config = _lora_metadata(json.loads(metadata["lora_config"]))
+    name = metadata.get("adapter_name", "default")
+    base_model = base_model or config.get("base_model_name_or_path") or None
+    return _write_adapter_folder(Path(folder), overwrite, load_file(str(path)), config,
+                                 model_card(base_model, name, config))
+
+
+def _load_kit_file(unet: torch.nn.Module, path: Path, metadata: dict, name: str | None) -> str:
+    """Load a file of the kit's earlier format (see :func:`convert_adapter`)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
     name = name or metadata["adapter_name"]
     config = json.loads(metadata["lora_config"])
     known = set(LoraConfig.__dataclass_fields__)
@@ -357,9 +486,83 @@ def load_adapter(unet: torch.nn.Module, path: str | Path, name: str | None = Non
     return name
 
 
+def _saved_name(folder: Path) -> str | None:
+    """The adapter name recorded in a folder's model card, if any."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    name = ModelCard.load(readme).data.to_dict().get("adapter_name")
+    return str(name) if name else None
+
+
+def _signature(tensors) -> list:
+    return sorted((tuple(t.shape), float(t.detach().double().sum())) for t in tensors)
+
+
+def load_adapter(unet: torch.nn.Module, path: str | Path, name: str | None = None) -> str:
+    """Load an adapter into ``unet`` under ``name``, make it the only active one and return its name.
+
+    ``path``: a LoRA folder (or its ``.safetensors`` file) in diffusers' layout, as :func:`save_adapter` and
+    diffusers' training scripts (e.g. the LCM-LoRA script) write it, loaded with diffusers' own loader
+    (``StableDiffusionPipeline.load_lora_into_unet``, what ``pipe.load_lora_weights`` does for the UNet); or
+    a file of the kit's earlier single-file format (loaded, with a warning that says how to convert it).
+    ``name`` defaults to the name in the folder's model card (else diffusers' ``default_N``). The LoRA
+    weights are fp32 whatever the base's dtype (as trained), and every saved tensor must find its place
+    in the UNet, or the adapter is removed again and a ``ValueError`` says so.
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No adapter folder or file at {path}")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path} is not a .safetensors file: pass the adapter folder of save_adapter")
+        metadata = _kit_file(path)
+        if metadata is not None:
+            warnings.warn(f"{path} is in the kit's earlier adapter format, which pipe.load_lora_weights cannot load: "
+                          f"rewrite it once with training.convert_adapter({str(path)!r}, <folder>)", UserWarning,
+                          stacklevel=2)
+            return _load_kit_file(unet, path, metadata, name)
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    unet_tensors = [v for k, v in state.items() if k.startswith("unet.")]
+    if not unet_tensors:
+        raise ValueError(f"{path} holds no UNet LoRA weights (no keys starting with 'unet.'): not an adapter of "
+                         "save_adapter or a diffusers LoRA folder")
+    name = name or (_saved_name(path) if path.is_dir() else None)
+    if name is not None and name in adapter_names(unet):
+        raise ValueError(f"The UNet already has an adapter {name!r}: pass another name=")
+    before = set(adapter_names(unet))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=name, metadata=metadata)
+    added = [n for n in adapter_names(unet) if n not in before]
+    if len(added) != 1:
+        raise ValueError(f"{path}: diffusers loaded no adapter into this UNet (its keys do not fit it)")
+    name = added[0]
+    if any(p.dtype != torch.float32 for n, p in unet.named_parameters() if f".{name}." in n):
+        # diffusers makes the LoRA layers in the base's dtype: back to fp32 and the saved values again.
+        _adapter_in_fp32(unet, name)
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=name, metadata=metadata,
+                                                    hotswap=True)
+    loaded = get_peft_model_state_dict(unet, adapter_name=name)
+    if _signature(loaded.values()) != _signature(unet_tensors):
+        unet.delete_adapters(name)
+        raise ValueError(
+            f"{path} does not load into this UNet exactly: of its {len(unet_tensors)} tensors, not all found their "
+            "place (a file written through convert_state_dict_to_diffusers with non-attention targets loses its "
+            "attention LoRA, diffusers issue 14548; save with training.save_adapter)")
+    use_adapter(unet, name)
+    return name
+
+
 def load_trained_unet(source: str | Path, adapter_path: str | Path, device: str | torch.device,
                       dtype: torch.dtype, load_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Rebuild a trained student from its base model folder (or Hub id) and a file of :func:`save_adapter`.
+    """Rebuild a trained student from its base model folder (or Hub id) and an adapter of :func:`save_adapter`
+    (a folder; a file of the kit's earlier format loads too, see :func:`load_adapter`).
 
     The base UNet is loaded the way :func:`helpers.models.load_course_pipeline` loads it (``load_dtype``,
     default fp16 on CUDA and fp32 on the CPU), then cast to ``dtype``, the student's dtype in training; then

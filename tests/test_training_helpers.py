@@ -150,46 +150,206 @@ def test_a_trained_adapter_is_not_replaced_by_accident():
         training.use_adapter(unet, "nope")
 
 
-def test_save_and_load_round_trip_exactly_with_every_module_kind(tmp_path):
-    pipe = tiny_pipeline()
-    unet, probe = pipe.unet, _probe(pipe)
-    training.start_phase(unet, "multi_cd", SMALL)
+def _trained(unet, name="multi_cd", targets=training.SD15_LORA_TARGETS, rank=4, alpha=8, scale=0.01):
+    """A trained-looking adapter (rank != alpha unless asked) with random non-zero LoRA weights."""
+    from peft import LoraConfig
+
+    training.prepare_unet_for_phase(unet, SMALL)
+    training._add_adapter(unet, name, LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                 target_modules=list(targets)), replace=False)
+    training._adapter_in_fp32(unet, name)
     with torch.no_grad():
         for p in training.trainable_parameters(unet):
-            p.add_(0.01 * torch.randn_like(p))
-    want = _out(unet, probe)
-    path = training.save_adapter(unet, "multi_cd", tmp_path / "a" / "multi_cd.safetensors")
-    assert not list(tmp_path.rglob("*.partial"))
-    saved = load_file(str(path))
-    kinds = {k.split(".lora_")[0].split(".")[-1] for k in saved}
-    assert {"to_q", "conv1", "time_emb_proj", "proj_in"} <= kinds, kinds
-    assert not any("multi_cd" in k for k in saved), "keys are stored without the adapter name"
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        training.save_adapter(unet, "multi_cd", path)
-    training.save_adapter(unet, "multi_cd", path, overwrite=True)
+            p.add_(scale * torch.randn_like(p))
+    return unet.eval()
 
-    fresh = tiny_pipeline().unet
-    assert not torch.equal(_out(fresh, probe), want)
-    assert training.load_adapter(fresh, path) == "multi_cd"
-    assert torch.equal(_out(fresh, probe), want), "the reloaded adapter must give identical outputs"
+
+def test_save_and_load_round_trip_exactly_through_load_lora_weights(tmp_path):
+    """All 14 target kinds, rank 4 and alpha 8: the call every LoRA user types gives back the student."""
+    pipe = tiny_pipeline()
+    unet, probe = _trained(pipe.unet), _probe(pipe)
+    want = _out(unet, probe)
+    folder = training.save_adapter(unet, "multi_cd", tmp_path / "a" / "multi_cd", sampler="multi_boundary_sampling",
+                                   steps=4)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", training.ADAPTER_WEIGHTS]
+    assert [p.name for p in folder.parent.iterdir()] == ["multi_cd"], "no temporary folder is left behind"
+    saved = load_file(str(folder / training.ADAPTER_WEIGHTS))
+    kinds = {k.split(".lora_")[0].split(".")[-1] for k in saved}
+    assert {"to_q", "conv1", "time_emb_proj", "proj_in", "conv_shortcut"} <= kinds, kinds
+    assert all(k.startswith("unet.") and "multi_cd" not in k for k in saved), "diffusers' keys, no adapter name"
+
+    fresh = tiny_pipeline()
+    assert not torch.equal(_out(fresh.unet, probe), want)
+    fresh.load_lora_weights(str(folder))
+    assert torch.equal(_out(fresh.unet, probe), want), "pipe.load_lora_weights(folder) must give the same student"
+    config = next(iter(fresh.unet.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 8) and set(config.target_modules) == set(training.SD15_LORA_TARGETS)
+
+    again = tiny_pipeline()
+    again.load_lora_weights(str(tmp_path / "a"), subfolder="multi_cd", weight_name=training.ADAPTER_WEIGHTS)
+    assert torch.equal(_out(again.unet, probe), want)
+
+    unet2 = tiny_pipeline().unet
+    assert training.load_adapter(unet2, folder) == "multi_cd", "the name comes from the model card"
+    assert torch.equal(_out(unet2, probe), want)
     with pytest.raises(ValueError, match="already has an adapter"):
-        training.load_adapter(fresh, path)
-    assert training.load_adapter(fresh, path, name="copy") == "copy"
+        training.load_adapter(unet2, folder)
+    assert training.load_adapter(unet2, folder, name="copy") == "copy"
+    assert torch.equal(_out(unet2, probe), want)
+
+
+def test_saving_never_loses_an_adapter(tmp_path, monkeypatch):
+    pipe = tiny_pipeline()
+    unet, probe = _trained(pipe.unet), _probe(pipe)
+    folder = training.save_adapter(unet, "multi_cd", tmp_path / "multi_cd")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        training.save_adapter(unet, "multi_cd", folder)
+    first = (folder / training.ADAPTER_WEIGHTS).read_bytes()
+
+    from diffusers import StableDiffusionPipeline
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        training.save_adapter(unet, "multi_cd", folder, overwrite=True)
+    monkeypatch.undo()
+    assert (folder / training.ADAPTER_WEIGHTS).read_bytes() == first, "a failed save keeps the earlier adapter"
+    assert [p.name for p in tmp_path.iterdir()] == ["multi_cd"], "and leaves no temporary folder"
+    with torch.no_grad():
+        for p in training.trainable_parameters(unet):
+            p.mul_(2)
+    training.save_adapter(unet, "multi_cd", folder, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["multi_cd"]
+    fresh = tiny_pipeline().unet
+    training.load_adapter(fresh, folder)
+    assert torch.equal(_out(fresh, probe), _out(unet, probe)), "overwrite=True writes the new adapter"
+
+
+def _old_format_file(unet, name, path):
+    """An adapter file as the kit's earlier save_adapter wrote it."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in unet.peft_config[name].to_dict().items()}
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}, str(path),
+              metadata={"format": training.ADAPTER_FORMAT, "adapter_name": name,
+                        "lora_config": json.dumps(config, default=str)})
+    return path
+
+
+def test_an_adapter_file_of_the_earlier_format_loads_and_converts(tmp_path):
+    pipe = tiny_pipeline()
+    unet, probe = _trained(pipe.unet), _probe(pipe)
+    want = _out(unet, probe)
+    old = _old_format_file(unet, "multi_cd", tmp_path / "multi_cd.safetensors")
+    fresh = tiny_pipeline().unet
+    with pytest.warns(UserWarning, match=r"training\.convert_adapter"):
+        assert training.load_adapter(fresh, old) == "multi_cd"
+    assert torch.equal(_out(fresh, probe), want)
+    with pytest.warns(UserWarning):
+        rebuilt = training.load_trained_unet(_small_model_dir(), old, "cpu", torch.float32)
+    assert training.adapter_names(rebuilt) == ["multi_cd"]
+
+    folder = training.convert_adapter(old, tmp_path / "converted")
+    users = tiny_pipeline()
+    users.load_lora_weights(str(folder))
+    assert torch.equal(_out(users.unet, probe), want), "the converted folder loads with pipe.load_lora_weights"
+    with pytest.raises(ValueError, match="earlier format"):
+        training.convert_adapter(folder / training.ADAPTER_WEIGHTS, tmp_path / "again")
+
+
+def _small_model_dir():
+    from helpers.small_model import SMALL_MODEL_DIR
+
+    return SMALL_MODEL_DIR
+
+
+def test_an_adapter_saved_like_the_lcm_lora_script_loads_into_the_kit_samplers(tmp_path):
+    """diffusers' train_lcm_distill_lora_sd_wds.py: convert_state_dict_to_diffusers(get_peft_model_state_dict)
+    then save_lora_weights, no metadata (so alpha = rank), here with attention-only targets."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    pipe = tiny_pipeline()
+    unet = _trained(pipe.unet, "default", targets=("to_q", "to_k", "to_v", "to_out.0"), rank=4, alpha=4, scale=0.05)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "lcm", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    assert any(".lora.down." in k for k in load_file(str(tmp_path / "lcm" / training.ADAPTER_WEIGHTS))), (
+        "the LCM script's file has diffusers' old key names")
+    eval_set = evaluation.make_eval_set(pipe, per_digit=1)
+    want = evaluation.pipeline_sampler(pipe, 2, guidance_scale=1.0)(eval_set.prompts[:2], eval_set.latents[:2])
+
+    student = tiny_pipeline()
+    name = training.load_adapter(student.unet, tmp_path / "lcm")
+    assert name in training.adapter_names(student.unet) and student.unet.active_adapters() == [name]
+    got = evaluation.pipeline_sampler(student, 2, guidance_scale=1.0)(eval_set.prompts[:2], eval_set.latents[:2])
+    assert torch.equal(got, want), "the LCM-LoRA adapter must drive the kit's sampler as the trained UNet does"
+    teacher = evaluation.pipeline_sampler(tiny_pipeline(), 2, guidance_scale=1.0)(eval_set.prompts[:2],
+                                                                                  eval_set.latents[:2])
+    assert not torch.equal(got, teacher)
+
+
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")
+def test_a_file_that_loses_weights_on_reload_is_refused(tmp_path):
+    """diffusers issue 14548: convert_state_dict_to_diffusers with the 14 target kinds drops the attention LoRA."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    unet = _trained(tiny_pipeline().unet, "default", rank=4, alpha=4)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "bad", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    fresh = tiny_pipeline().unet
+    with pytest.raises(ValueError, match="14548"):
+        training.load_adapter(fresh, tmp_path / "bad")
+    assert training.adapter_names(fresh) == [], "a refused adapter is removed again"
 
 
 def test_adapter_files_are_checked(tmp_path):
     unet = tiny_pipeline().unet
-    with pytest.raises(ValueError, match=".safetensors"):
-        training.save_adapter(unet, "ct", tmp_path / "ct.bin")
-    with pytest.raises(ValueError, match="No adapter 'ct'"):
+    with pytest.raises(ValueError, match="writes a folder"):
+        _trained(unet, "ct")
         training.save_adapter(unet, "ct", tmp_path / "ct.safetensors")
+    with pytest.raises(ValueError, match="No adapter 'nope'"):
+        training.save_adapter(unet, "nope", tmp_path / "nope")
     with pytest.raises(FileNotFoundError):
-        training.load_adapter(unet, tmp_path / "missing.safetensors")
+        training.load_adapter(unet, tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        training.save_adapter(unet, "ct", tmp_path / "file", overwrite=True)
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not written by save_adapter"):
-        training.load_adapter(unet, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError):
+        training.load_adapter(tiny_pipeline().unet, tmp_path / "other.safetensors")
+
+
+def test_the_model_card_says_how_to_use_the_adapter(tmp_path):
+    from huggingface_hub import ModelCard
+
+    card = training.model_card("stable-diffusion-v1-5/stable-diffusion-v1-5", "multi_cd",
+                               {"r": 64, "lora_alpha": 64, "target_modules": list(training.SD15_LORA_TARGETS)},
+                               sampler="multi_boundary_sampling (K = 4)", steps=4,
+                               metrics={"multi_cd_4_matched": {"prompt_accuracy": 0.91, "fidelity_psnr_db": 21.5}},
+                               repo_id="someone/sd15-multi-cd")
+    data = card.data.to_dict()
+    assert data["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert {"lora", "consistency-distillation"} <= set(data["tags"]) and data["library_name"] == "diffusers"
+    assert data["inference_steps"] == 4 and "multi_boundary_sampling" in data["sampler"]
+    text = card.text
+    assert 'pipe.load_lora_weights("someone/sd15-multi-cd")' in text and "multi_boundary_sampling" in text
+    assert "0.91" in text and "21.5" in text and "rank 64, alpha 64" in text and "time_emb_proj" in text
+
+    unet = _trained(tiny_pipeline().unet)
+    folder = training.save_adapter(unet, "multi_cd", tmp_path / "a", base_model=_small_model_dir(), steps=4,
+                                   metrics={"prompt_accuracy": 0.5})
+    saved = ModelCard.load(folder / "README.md")
+    assert "base_model" not in saved.data.to_dict(), "a local folder is no Hub id"
+    assert saved.data.to_dict()["adapter_name"] == "multi_cd" and "digits-sd" in saved.text
+    assert "rank 4, alpha 8" in saved.text and "| prompt_accuracy | 0.5 |" in saved.text
 
 
 def test_make_optimizer_needs_parameters():
@@ -358,7 +518,7 @@ def test_adapter_on_a_half_base_reloads_exactly(tmp_path):
     with torch.no_grad():
         for p in training.trainable_parameters(unet):
             p.add_(torch.randn_like(p) * 1e-3)  # values that a half-precision copy would round
-    path = training.save_adapter(unet, "multi_cd", tmp_path / "a.safetensors")
+    path = training.save_adapter(unet, "multi_cd", tmp_path / "a")
     fresh = tiny_pipeline().unet.to(torch.bfloat16)
     training.load_adapter(fresh, path)
     ours = dict(unet.named_parameters())
@@ -380,7 +540,7 @@ def test_student_trained_on_a_half_loaded_base_rebuilds_exactly(tmp_path):
     with torch.no_grad():
         for p in training.trainable_parameters(unet):
             p.add_(torch.randn_like(p) * 1e-2)
-    path = training.save_adapter(unet, "multi_cd", tmp_path / "multi_cd.safetensors")
+    path = training.save_adapter(unet, "multi_cd", tmp_path / "multi_cd")
     unet.eval()
     g = torch.Generator().manual_seed(0)
     probe = (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999, 259]), torch.randn(2, 77, 64, generator=g))
@@ -393,3 +553,29 @@ def test_student_trained_on_a_half_loaded_base_rebuilds_exactly(tmp_path):
     training.load_adapter(naive, path)
     naive.eval()
     assert (_out(naive, probe) - _out(unet, probe)).abs().max() > 1e-6, "fp32 base differs from the fp16-loaded one"
+
+
+def test_sampling_shows_one_bar_in_images(kit_config, make_config, capsys):
+    """One tqdm bar over the images (unit img); the pipeline's own per-step bar stays off and its settings
+    come back afterwards; under nbgrader the bar goes to stdout."""
+    pipe = tiny_pipeline(ToyUNet(sample_size=16))
+    pipe.set_progress_bar_config(disable=False, leave=True)
+    eval_set = evaluation.make_eval_set(pipe, per_digit=1)
+    evaluation.evaluate("teacher_ddim2", evaluation.pipeline_sampler(pipe, 2, 2.0), eval_set, None, kit_config,
+                        batch_size=4, record=False)
+    err = capsys.readouterr().err
+    assert "teacher_ddim2" in err and "10/10" in err and "img/s" in err, err
+    assert "2/2" not in err and "it/s" not in err, f"the pipeline's own bar showed too: {err!r}"
+    assert pipe._progress_bar_config == {"disable": False, "leave": True}, "the pipeline's bar settings are restored"
+
+    def sampler(pipe_, prompts, num_images_per_prompt, latents, generator, output_type):
+        for _ in pipe_.progress_bar(range(3)):
+            pass
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+    graded = make_config(execution="autograde")
+    evaluation.evaluate("student", evaluation.function_sampler(sampler, pipe), eval_set, None, graded, batch_size=5,
+                        record=False)
+    out = capsys.readouterr()
+    assert "student" in out.out and "10/10" in out.out and "img" in out.out and "3/3" not in out.out + out.err
+    assert out.err == "", "under nbgrader the bar writes to stdout"
