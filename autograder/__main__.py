@@ -6,6 +6,8 @@ import sys
 
 from autograder.config import CELL_TIMEOUT_S
 
+_MAX_FLAGGED_LINES = 50
+
 
 def _add_grading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
@@ -29,7 +31,16 @@ def _grade(args: argparse.Namespace) -> int:
           f"({summary.per_minute:.1f}/min); {summary.problems} with notebooks that could not be graded, "
           f"{summary.unknown} unknown assignment folders")
     print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in (summary.phases or {}).items()))
-    print(f"wrote {summary.out_dir}/grades.csv, cells.csv, submissions.csv, feedback/, gradebook.db")
+    if summary.flagged:
+        print(f"similarity: {len(summary.flagged)} flagged answer cells (scores unchanged; similarity.csv, "
+              "formgrader comments):")
+        for cell in summary.flagged[:_MAX_FLAGGED_LINES]:
+            print(f"  {cell.describe()}")
+        if len(summary.flagged) > _MAX_FLAGGED_LINES:
+            print(f"  ... and {len(summary.flagged) - _MAX_FLAGGED_LINES} more in similarity.csv")
+    else:
+        print("similarity: no flagged answer cells")
+    print(f"wrote {summary.out_dir}/grades.csv, cells.csv, submissions.csv, similarity.csv, feedback/, gradebook.db")
     return 0
 
 
