@@ -1,4 +1,4 @@
-"""Command line of the grading side: ``python -m autograder {release,grade,bench} ...``."""
+"""Command line of the grading side: ``python -m autograder {release,grade,bench,export} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from autograder.export import export
+
+    dest, left_out = export(args.course, args.format, args.out, mapping=args.mapping,
+                            allow_unmapped=args.allow_unmapped, assignment_ids=args.assignment_ids,
+                            moodle_id=args.moodle_id)
+    print(f"wrote {dest} ({args.format})" + (f"; left out {len(left_out)} unmapped students" if left_out else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autograder", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--keep", default=None, help="keep the benchmark folders here")
     _add_grading_options(be)
 
+    ex = sub.add_parser("export", help="the gradebook's totals as an LMS grade-import CSV (Canvas, Moodle, plain)")
+    ex.add_argument("--format", required=True, choices=("canvas", "moodle", "csv"))
+    ex.add_argument("--out", required=True, metavar="FILE", help="the CSV file to write")
+    ex.add_argument("--course", default=".", metavar="OUT_DIR", help="the graded course folder (default: .)")
+    ex.add_argument("--mapping", default=None, metavar="MAP.csv",
+                    help="student_id,lms_id,sis_user_id,name,section,email[,sis_login_id] (canvas, moodle: required)")
+    ex.add_argument("--allow-unmapped", action="store_true",
+                    help="leave out students without a mapping row instead of stopping")
+    ex.add_argument("--assignment-ids", default=None, metavar="IDS.csv",
+                    help="assignment,lms_id: Canvas columns 'Name (id)' update those Canvas assignments")
+    ex.add_argument("--moodle-id", default="email", choices=("email", "idnumber", "username"),
+                    help="Moodle identifier column (default email)")
+
     args = parser.parse_args(argv)
     if args.command == "release":
         from autograder.release import release
@@ -87,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             return _grade(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "export":
+            return _export(args)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
