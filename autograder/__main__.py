@@ -1,10 +1,12 @@
-"""Command line of the grading side: ``python -m autograder {release,grade,bench} ...``."""
+"""Command line of the grading side: ``python -m autograder {release,grade,bench,export} ...``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from autograder.config import CELL_TIMEOUT_S
+
+_MAX_FLAGGED_LINES = 50
 
 
 def _add_grading_options(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,16 @@ def _grade(args: argparse.Namespace) -> int:
           f"({summary.per_minute:.1f}/min); {summary.problems} with notebooks that could not be graded, "
           f"{summary.unknown} unknown assignment folders")
     print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in (summary.phases or {}).items()))
-    print(f"wrote {summary.out_dir}/grades.csv, cells.csv, submissions.csv, feedback/, gradebook.db")
+    if summary.flagged:
+        print(f"similarity: {len(summary.flagged)} flagged answer cells (scores unchanged; similarity.csv, "
+              "formgrader comments):")
+        for cell in summary.flagged[:_MAX_FLAGGED_LINES]:
+            print(f"  {cell.describe()}")
+        if len(summary.flagged) > _MAX_FLAGGED_LINES:
+            print(f"  ... and {len(summary.flagged) - _MAX_FLAGGED_LINES} more in similarity.csv")
+    else:
+        print("similarity: no flagged answer cells")
+    print(f"wrote {summary.out_dir}/grades.csv, cells.csv, submissions.csv, similarity.csv, feedback/, gradebook.db")
     return 0
 
 
@@ -39,6 +50,16 @@ def _bench(args: argparse.Namespace) -> int:
     bench(copies=args.copies, workers=args.workers, assignments=args.assignment or None, timeout=args.timeout,
           source_dir=args.source, check_modules=tuple(m for m in args.checks.split(",") if m),
           memory_gb=args.memory_gb, keep=args.keep)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from autograder.export import export
+
+    dest, left_out = export(args.course, args.format, args.out, mapping=args.mapping,
+                            allow_unmapped=args.allow_unmapped, assignment_ids=args.assignment_ids,
+                            moodle_id=args.moodle_id)
+    print(f"wrote {dest} ({args.format})" + (f"; left out {len(left_out)} unmapped students" if left_out else ""))
     return 0
 
 
@@ -62,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--keep", default=None, help="keep the benchmark folders here")
     _add_grading_options(be)
 
+    ex = sub.add_parser("export", help="the gradebook's totals as an LMS grade-import CSV (Canvas, Moodle, plain)")
+    ex.add_argument("--format", required=True, choices=("canvas", "moodle", "csv"))
+    ex.add_argument("--out", required=True, metavar="FILE", help="the CSV file to write")
+    ex.add_argument("--course", default=".", metavar="OUT_DIR", help="the graded course folder (default: .)")
+    ex.add_argument("--mapping", default=None, metavar="MAP.csv",
+                    help="student_id,lms_id,sis_user_id,name,section,email[,sis_login_id] (canvas, moodle: required)")
+    ex.add_argument("--allow-unmapped", action="store_true",
+                    help="leave out students without a mapping row instead of stopping")
+    ex.add_argument("--assignment-ids", default=None, metavar="IDS.csv",
+                    help="assignment,lms_id: Canvas columns 'Name (id)' update those Canvas assignments")
+    ex.add_argument("--moodle-id", default="email", choices=("email", "idnumber", "username"),
+                    help="Moodle identifier column (default email)")
+
     args = parser.parse_args(argv)
     if args.command == "release":
         from autograder.release import release
@@ -76,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             return _grade(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "export":
+            return _export(args)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

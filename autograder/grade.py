@@ -20,7 +20,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from autograder.config import CELL_TIMEOUT_S, COURSE_ID, MAX_OUTPUT_BYTES, course_config
@@ -50,6 +50,8 @@ class Summary:
     workers: int
     out_dir: Path
     phases: dict[str, float] | None = None  # seconds spent preparing, grading, merging, writing feedback
+    #: answer cells the similarity check flagged (``autograder.similarity.CellSimilarity``); scores unchanged
+    flagged: list = field(default_factory=list)
 
     @property
     def per_minute(self) -> float:
@@ -248,14 +250,18 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{float(value):g}"
 
 
-def write_reports(out: Path, results: list[Result], unknown: list[tuple[str, str]]) -> None:
-    """``grades.csv`` (nbgrader's CSV export), ``cells.csv``, ``submissions.csv`` and the logs."""
+def write_reports(out: Path, results: list[Result], unknown: list[tuple[str, str]],
+                  similar: Iterable = ()) -> None:
+    """``grades.csv`` (nbgrader's CSV export), ``cells.csv``, ``submissions.csv`` and the logs. ``similar``: the
+    similarity check's rows (``autograder.similarity``); a tests cell ``test_<fn>`` gets the highest similarity of
+    its answer cell ``<fn>`` in ``cells.csv``'s ``similarity`` column."""
     from nbgrader.api import Gradebook
     from nbgrader.plugins import CsvExportPlugin
 
     with Gradebook(f"sqlite:///{(out / 'gradebook.db').resolve()}", COURSE_ID) as gb:
         CsvExportPlugin(to=str(out / "grades.csv")).export(gb)
     scores = _scores(out)
+    similarity = {(c.student, c.assignment, c.notebook, c.grade_id): f"{c.max_similarity:.2f}" for c in similar}
     cell_rows, sub_rows = [], []
     for r in results:
         total = maximum = 0.0
@@ -265,7 +271,9 @@ def write_reports(out: Path, results: list[Result], unknown: list[tuple[str, str
             maximum += c.max_score
             cell_rows.append({"student_id": r.student, "assignment": r.assignment, "notebook": c.notebook,
                               "grade_id": c.grade_id, "score": _fmt(score), "max_score": _fmt(c.max_score),
-                              "status": c.status, "message": c.message})
+                              "status": c.status, "message": c.message,
+                              "similarity": similarity.get((r.student, r.assignment, c.notebook,
+                                                            c.grade_id.removeprefix("test_")), "")})
         sub_rows.append({"student_id": r.student, "assignment": r.assignment, "status": r.status,
                          "message": r.message, "score": _fmt(total), "max_score": _fmt(maximum),
                          "seconds": f"{r.seconds:.1f}", "worker": r.worker})
@@ -275,7 +283,8 @@ def write_reports(out: Path, results: list[Result], unknown: list[tuple[str, str
     for student, folder in unknown:
         message = f"{folder!r} is not an assignment of the course"
         cell_rows.append({"student_id": student, "assignment": folder, "notebook": "", "grade_id": "", "score": "0",
-                          "max_score": "0", "status": Status.UNKNOWN_ASSIGNMENT, "message": message})
+                          "max_score": "0", "status": Status.UNKNOWN_ASSIGNMENT, "message": message,
+                          "similarity": ""})
         sub_rows.append({"student_id": student, "assignment": folder, "status": Status.UNKNOWN_ASSIGNMENT,
                          "message": message, "score": "0", "max_score": "0", "seconds": "0", "worker": ""})
     _write_csv(out / "cells.csv", CELL_COLUMNS, cell_rows)
@@ -402,9 +411,25 @@ def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = 
         phases["merge"] = time.monotonic() - started - sum(phases.values())
         write_feedback(out, results)
         phases["feedback"] = time.monotonic() - started - sum(phases.values())
-        write_reports(out, results, unknown)
+        similar = _similarity(out)  # after the feedback: this run's feedback never shows the notes
+        phases["similarity"] = time.monotonic() - started - sum(phases.values())
+        write_reports(out, results, unknown, similar)
     problems = sum(1 for r in results if any(c.notebook not in r.notebooks for c in r.cells))
-    return Summary(len(results), problems, len(unknown), time.monotonic() - started, n, out, phases)
+    return Summary(len(results), problems, len(unknown), time.monotonic() - started, n, out, phases,
+                   [c for c in similar if c.flagged])
+
+
+def _similarity(out: Path) -> list:
+    """The copy-detection report (``similarity.csv``, gradebook notes). It only informs the instructor: a failure
+    here is reported and leaves every grading output as it is."""
+    from autograder.similarity import report
+
+    try:
+        return report(out)
+    except Exception as err:  # noqa: BLE001 - a report, never a reason to lose the grades
+        print(f"warning: the similarity check failed ({type(err).__name__}: {err}); similarity.csv not written",
+              file=sys.stderr)
+        return []
 
 
 def _code_cells(source: Path) -> list[int]:

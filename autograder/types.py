@@ -147,8 +147,10 @@ class Verdict:
 class CellRow:
     """One graded cell of one notebook of one submission (the score is filled from the gradebook)."""
 
+    #: ``cells.csv``'s columns; ``similarity`` (last, so readers by position keep working) is the copy check's
+    #: highest score of the answer cell behind a tests cell (``autograder/similarity.py``), never part of a score
     COLUMNS: ClassVar[tuple[str, ...]] = ("student_id", "assignment", "notebook", "grade_id", "score", "max_score",
-                                          "status", "message")
+                                          "status", "message", "similarity")
 
     notebook: str
     grade_id: str
