@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +37,13 @@ def test_pip_section_resolves_to_pyproject_dependencies(tmp_path):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     from importlib.metadata import requires
 
-    installed = sorted(r.split(";")[0].replace(" ", "") for r in (requires("cd-course-kit") or []) if "extra ==" not in r)
-    declared = sorted(d.replace(" ", "") for d in project["dependencies"])
-    assert installed == declared, "the installed kit is stale: run `make venv` (pip install -e ".[all]" -c constraints.txt) again"
+    def norm(reqs):  # name and specifier set: metadata may order a range's clauses differently from pyproject
+        return sorted((r.name.lower(), str(r.specifier)) for r in map(Requirement, reqs) if r.marker is None)
+
+    installed = norm(requires("cd-course-kit") or [])  # extras' requirements carry an `extra == ...` marker
+    declared = norm(project["dependencies"])
+    assert installed == declared, (
+        'the installed kit is stale: run `make venv` (pip install -e ".[all]" -c constraints.txt) again')
 
 
 def test_torch_pinned_exactly_in_the_lock_and_as_a_range_in_pyproject():
