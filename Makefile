@@ -8,7 +8,8 @@
 #   make release                      regenerate the student notebooks (notebooks/) from solutions/
 #   make lab                          JupyterLab for students on notebooks/ (python -m helpers.commands.lab)
 #   make formgrader [GRADES=grades]   JupyterLab with nbgrader's formgrader on `python -m autograder grade ... --out grades`
-#   make venv                         create .venv and install the kit (the targets above do it when needed)
+#   make venv                         create .venv and install the kit, pip install -e ".[all]" -c constraints.txt
+#                                     (the targets above do it when needed)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,11 +23,12 @@ PY     := $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
-# Re-installs when pyproject.toml changes; needs a package index the first time (about 1.7 GiB, 2-3 minutes).
-$(VENV)/.installed: pyproject.toml
+# The exact tested set of constraints.txt, all extras but [browser] (pyproject.toml's ranges, that lock's pins).
+# Re-installs when either file changes; needs a package index the first time (about 1.7 GiB, 2-3 minutes).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else "The kit needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0] + ": run make PYTHON=python3.11 (or newer)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e .
+	$(PY) -m pip install -e ".[all]" -c constraints.txt
 	touch $@
 
 run: venv

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KitConfig", "KIT_ROOT", "setting_fields", "markdown_table", "update_docs"]
+__all__ = ["KitConfig", "KIT_ROOT", "KIT_CHECKOUT", "default_out_path", "restore_hint", "setting_fields", "markdown_table",
+           "update_docs"]
 
 KIT_ROOT = Path(__file__).resolve().parents[1]
+#: True when ``helpers`` runs from a checkout of the kit (an editable install or ``PYTHONPATH``), False when it is
+#: installed from a wheel, an sdist or ``pip install git+URL`` (then ``KIT_ROOT`` is ``site-packages``, which is
+#: no place for outputs, and there are no ``solutions/`` or ``docs/``).
+KIT_CHECKOUT: bool = (KIT_ROOT / "pyproject.toml").is_file() and (KIT_ROOT / "helpers" / "__init__.py").is_file()
 DOCS_FILE = KIT_ROOT / "docs" / "configuration.md"
 #: The generated table of ``docs/configuration.md`` sits between these lines.
 TABLE_BEGIN = "<!-- BEGIN GENERATED TABLE: python -m helpers.config --update-docs -->"
@@ -51,7 +56,9 @@ class KitConfig:
                                 "unset for the small model, which generates its own digits.")
     out: str | None = _setting("CD_KIT_OUT", None,
                                "Folder the notebooks write metrics, figures, caches and adapters to; unset: "
-                               "`out/interactive` under the kit root. The reference run sets it.")
+                               "`out/interactive` under the kit root in a checkout, under the working directory "
+                               "when the kit is installed from a wheel (never into site-packages). The reference "
+                               "run sets it.")
     reduced: bool = _setting("CD_KIT_REDUCED", False,
                              "`1`: the reference run's short mode (smaller trainings and evaluations), used by "
                              "CI.", "bool")
@@ -141,13 +148,29 @@ class KitConfig:
     # ------------------------------------------------------------------ paths
     @property
     def out_path(self) -> Path:
-        """Where this run writes (not created here)."""
-        return Path(self.out) if self.out else KIT_ROOT / "out" / "interactive"
+        """Where this run writes (not created here): ``out`` if set, else :func:`default_out_path`."""
+        return Path(self.out) if self.out else default_out_path()
 
     @property
     def solutions_path(self) -> Path:
         """The solution notebooks' folder."""
         return Path(self.solutions) if self.solutions else KIT_ROOT / "solutions"
+
+
+def default_out_path() -> Path:
+    """The output folder when ``CD_KIT_OUT`` is unset: ``out/interactive`` of the checkout (gitignored, outside the
+    assignment folders that nbgrader releases and collects), or, for an installed kit, ``out/interactive`` under the
+    current working directory (read at each call)."""
+    return (KIT_ROOT if KIT_CHECKOUT else Path.cwd()) / "out" / "interactive"
+
+
+def restore_hint(path: str | Path) -> str:
+    """How to get back a shipped file that is missing (the small model, the digit classifier): ``git checkout`` in
+    a checkout; reinstalling the package when the kit is installed (its wheel and sdist carry ``helpers/assets``)."""
+    if KIT_CHECKOUT:
+        return f"Restore it with `git checkout -- {path}`"
+    return ("Reinstall the kit, which ships it (`pip install --force-reinstall --no-deps` of the wheel, sdist or "
+            "git+URL you installed cd-course-kit from)")
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

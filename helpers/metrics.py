@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from helpers.config import restore_hint
+
 __all__ = [
     "CLASSIFIER_PATH", "CLASSIFIER_INFO_PATH", "DigitClassifier", "images_to_tensor", "to_gray32",
     "load_digit_classifier", "classify_digits", "prompt_accuracy", "psnr_db", "sharpness",
@@ -94,7 +96,8 @@ def _stretch(x: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=4)
 def _cached_classifier(path: str) -> DigitClassifier:
     if not Path(path).exists():
-        raise FileNotFoundError(f"No digit classifier at {path}: train it with "
+        hint = restore_hint(path) + ", or t" if Path(path) == CLASSIFIER_PATH else "T"
+        raise FileNotFoundError(f"No digit classifier at {path}. {hint}rain it with "
                                 "`python -m helpers.commands.train_classifier`.")
     model = DigitClassifier()
     model.load_state_dict(load_file(path))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.config import KitConfig
+from helpers.config import KitConfig, restore_hint
 from helpers.device import pick_device, pick_dtype
 
 __all__ = ["SD15_MODEL_ID", "ModelSpec", "resolve_model", "load_course_pipeline", "use_trailing_ddim",
@@ -56,7 +56,7 @@ def resolve_model(model: str | None = None) -> ModelSpec:
         meta_file = folder / "kit_model.json"
         if not meta_file.exists():
             raise FileNotFoundError(
-                f"The kit's small model is missing from {folder}. Restore it with `git checkout -- {folder}` "
+                f"The kit's small model is missing from {folder}. {restore_hint(folder)}, "
                 "or rebuild it with `python -m helpers.commands.train_small_model`."
             )
         meta = json.loads(meta_file.read_text())

@@ -1,7 +1,8 @@
 """Where notebooks put their numbers and pictures so the reference run can build its report.
 
 Output folder: ``config.out_path`` of the :class:`helpers.config.KitConfig` passed in (``$CD_KIT_OUT`` if set;
-the reference run sets it to ``out/reference``), else ``out/interactive`` under the kit root. Under nbgrader
+the reference run sets it to ``out/reference``), else ``out/interactive`` under the kit root in a checkout or
+under the working directory for an installed kit (:func:`helpers.config.default_out_path`). Under nbgrader
 (``config.grading``) nothing is written.
 ``metrics.json`` is one JSON object merged across notebooks: ``{"samplers": {name: {...}},
 "timings_s": {phase: seconds}, "settings": {...}}``.

@@ -3,14 +3,13 @@
 #   * Chromium from the Debian packages (/usr/bin/chromium) -- never a browser download by Playwright;
 #   * the Python Playwright package (it ships its own node driver) into the kit's venv.
 # Usage: scripts/setup_browser_test.sh            (needs root or sudo for apt, and a pip index)
-# Env:   VENV (default: .venv of the kit). The Playwright version is the one of pyproject.toml's optional
-#        extra [browser] (falls back to the version below while pyproject has no such extra).
+# Env:   VENV (default: .venv of the kit). Playwright is pyproject.toml's optional extra [browser], at the
+#        version constraints.txt pins (the exact tested set).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-FALLBACK_PLAYWRIGHT="playwright==1.65.2"
 
 if [[ ! -x "$PY" ]]; then
     echo "No Python venv at $VENV: create it first (make venv), or set VENV=/path/to/venv." >&2
@@ -35,14 +34,14 @@ else
     /usr/bin/chromium --version
 fi
 
-PLAYWRIGHT_SPEC="$("$PY" - "$ROOT/pyproject.toml" "$FALLBACK_PLAYWRIGHT" <<'PYEOF'
+PLAYWRIGHT_SPEC="$("$PY" - "$ROOT/pyproject.toml" <<'PYEOF'
 import sys, tomllib
-extra = tomllib.load(open(sys.argv[1], "rb")).get("project", {}).get("optional-dependencies", {}).get("browser", [])
-print(next((r for r in extra if r.replace(" ", "").lower().startswith("playwright")), sys.argv[2]))
+extra = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["browser"]
+print(next(r for r in extra if r.replace(" ", "").lower().startswith("playwright")))
 PYEOF
 )"
 # pip does not contact the index when the pinned version is already installed.
-echo "playwright: $PLAYWRIGHT_SPEC into $VENV"
-"$PY" -m pip install -q --disable-pip-version-check "$PLAYWRIGHT_SPEC"
+echo "playwright: $PLAYWRIGHT_SPEC (pinned by constraints.txt) into $VENV"
+"$PY" -m pip install -q --disable-pip-version-check -c "$ROOT/constraints.txt" "$PLAYWRIGHT_SPEC"
 # Never `playwright install`: the test launches the Debian Chromium (executable_path=/usr/bin/chromium).
 "$PY" -c "import importlib.metadata as m; print('playwright', m.version('playwright'), 'OK')"
