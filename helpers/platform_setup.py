@@ -153,8 +153,9 @@ def main(folder: str | Path, assignment: str, *, pip: Callable[..., None] = _pip
         origin = getattr(sys.modules[name], "__file__", None) or ""
         if not origin.startswith(str(folder)):
             del sys.modules[name]  # another package called helpers: the course's must win
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+    while str(folder) in sys.path:
+        sys.path.remove(str(folder))
+    sys.path.insert(0, str(folder))  # first: the course's helpers win over anything else on the path
     importlib.invalidate_caches()
     gpu = small_gpu()
     chosen = {}
