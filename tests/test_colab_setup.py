@@ -212,3 +212,32 @@ def test_colab_simulation_and_a_second_run(tmp_path, course_repo):
     again = _run_cell(python, tmp_path, {}, course_repo, pythonpath=str(fake))  # the next day: pull, no install
     assert "Installing" not in again["stdout"] and "Could not update" not in again["stdout"]
     _check(again, tmp_path, python)
+
+
+def test_readme_table_is_the_generated_one():
+    from helpers.course import ASSIGNMENTS
+
+    text = (KIT_ROOT / "README.md").read_text(encoding="utf-8")
+    table = platform_setup.readme_table([(a.id, a.notebook) for a in ASSIGNMENTS])
+    assert f"{platform_setup.README_BEGIN}\n{table}\n{platform_setup.README_END}" in text, (
+        "README's Colab table is out of date: run `python -m helpers.platform_setup`")
+    assert "docs/colab.md" in text
+
+
+def test_collect_writes_nbgraders_submitted_layout(tmp_path):
+    import zipfile
+
+    from helpers.commands.collect import collect, default_notebooks_dir
+
+    for a, nb in (("02_ddim_step", "ddim_step.ipynb"), ("03_ct_derivation", "ct_derivation.ipynb")):
+        shutil.copy(KIT_ROOT / "notebooks" / a / nb, (tmp_path / a).mkdir() or tmp_path / a / nb)
+    assert default_notebooks_dir(tmp_path / "03_ct_derivation") == tmp_path
+    members = collect("jdoe", tmp_path, tmp_path / "out.zip")
+    assert members == ["jdoe/02_ddim_step/ddim_step.ipynb", "jdoe/03_ct_derivation/ct_derivation.ipynb"]
+    assert zipfile.ZipFile(tmp_path / "out.zip").namelist() == members
+    assert collect("jdoe", tmp_path, tmp_path / "one.zip", only=["03_ct_derivation"]) == members[1:]
+    with pytest.raises(ValueError, match="student id"):
+        collect("../x", tmp_path, tmp_path / "bad.zip")
+    (tmp_path / "02_ddim_step" / "ddim_step.ipynb").write_text("{broken")
+    with pytest.raises(ValueError, match="not a valid notebook"):
+        collect("jdoe", tmp_path, tmp_path / "bad.zip")
