@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -38,15 +39,23 @@ def set_fork_client(client: KernelForkClient | None) -> None:
     _client = client
 
 
+def _setup_cell(cells: list[dict]) -> str | None:
+    """The source of a notebook's kit setup cell: the first code cell that imports ``helpers`` (the Colab/Kaggle
+    cell before it imports only the standard library), else the first code cell."""
+    sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    return next((s for s in sources if re.search(r"^\s*(from|import) helpers\b", s, re.M)),
+                sources[0] if sources else None)
+
+
 def setup_imports(source_dir: str | Path) -> list[str]:
-    """Modules (and ``module:name`` attributes) imported by the first code cell of every source notebook."""
+    """Modules (and ``module:name`` attributes) imported by the kit setup cell of every source notebook."""
     found: list[str] = []
     for path in sorted(Path(source_dir).glob("*/*.ipynb")):
-        cells = [c for c in json.loads(path.read_text(encoding="utf-8")).get("cells", []) if c["cell_type"] == "code"]
-        if not cells:
+        source = _setup_cell(json.loads(path.read_text(encoding="utf-8")).get("cells", []))
+        if source is None:
             continue
         try:
-            tree = ast.parse("".join(cells[0]["source"]))
+            tree = ast.parse(source)
         except SyntaxError:
             continue
         for node in ast.walk(tree):

@@ -72,6 +72,13 @@ class KitConfig:
                                       "Seed of the hidden batteries' random inputs; the grader fixes it "
                                       "(20241125) so that every run agrees; set it to replay a failure message's "
                                       "seed. Unset: a fresh seed per check.", "int")
+    course_dir: str | None = _setting("CD_KIT_COURSE_DIR", None,
+                                      "Course folder of the Colab/Kaggle setup cell (which reads it itself: it runs "
+                                      "before the kit is installed); unset: `MyDrive/cd-course` on Google Drive "
+                                      "(Colab), `/kaggle/working/cd-course` (Kaggle). The simulation test sets it.")
+    course_url: str | None = _setting("CD_KIT_COURSE_URL", None,
+                                      "Git URL the Colab/Kaggle setup cell clones the course from (read by the cell "
+                                      "itself); unset: the cell's `COURSE_URL` (`docs/colab.md`).")
     hub_repo: str | None = _setting("CD_KIT_HUB_REPO", None,
                                     "Hub repository notebook 05 pushes the trained adapter to (with `HF_TOKEN`); "
                                     "unset: nothing is pushed.")

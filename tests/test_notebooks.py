@@ -17,6 +17,7 @@ import pytest
 
 from autograder.config import CELL_TIMEOUT_S
 from helpers.course import ASSIGNMENTS, KIT_ROOT, Assignment
+from helpers.platform_setup import badges, cell_source
 
 SOLUTIONS, NOTEBOOKS = KIT_ROOT / "solutions", KIT_ROOT / "notebooks"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -69,15 +70,20 @@ def _report(results: dict) -> str:
 
 @pytest.mark.parametrize("a", ASSIGNMENTS, ids=IDS)
 def test_solution_notebook_follows_the_conventions(a: Assignment):
-    """docs/design.md: setup cell first, each function in its answer cell followed by its tests cell with the
+    """docs/design.md: the Colab/Kaggle cell and the setup cell first, each function in its answer cell followed by its tests cell with the
     hidden block, manual answers as markdown solution+grade cells, kernel python3, no outputs."""
     path = _existing(SOLUTIONS / a.id / a.notebook, "The solution notebook")
     nb = json.loads(path.read_text(encoding="utf-8"))
     assert nb["metadata"]["kernelspec"]["name"] == "python3", "kernel must be python3 (autograde looks it up by name)"
     cells = _cells(path)
-    first_code = next(c for c in cells if c["cell_type"] == "code")
-    assert "from helpers.answer_env import *" in first_code["source"], "the first code cell must be the setup cell"
-    assert not _meta(first_code), "the setup cell must not be graded"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert code[0]["source"] == cell_source(a.id).rstrip("\n"), (
+        "the first code cell must be the Colab/Kaggle setup cell: run `python -m helpers.platform_setup`")
+    assert "from helpers.answer_env import *" in code[1]["source"], "the second code cell must be the kit setup cell"
+    assert not _meta(code[0]) and not _meta(code[1]), "the setup cells must not be graded"
+    first_markdown = next(c for c in cells if c["cell_type"] == "markdown")
+    assert first_markdown["source"].startswith(badges(a.id, a.notebook)), (
+        "the first markdown cell must start with the Colab/Kaggle badges: run `python -m helpers.platform_setup`")
     for cell in cells:
         if cell["cell_type"] == "code":
             assert not cell.get("outputs") and cell.get("execution_count") is None, (

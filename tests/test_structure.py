@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers.config import DOCS_FILE, KitConfig, generated_table, markdown_table, setting_fields
+from helpers.course import ASSIGNMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("helpers", "autograder", "scripts")
@@ -30,6 +31,10 @@ ALLOWED: dict[tuple[str, str], str] = {
         "through KitConfig)",
     ("autograder/forkserver.py", "os.environ[k]"):
         "copies _KEEP_ENV (PATH, HOME, ...: no kit setting) into the kernels' environment",
+    **{(f"solutions/{a.id}/{a.notebook}", name):
+       "the Colab/Kaggle setup cell runs before the kit is installed, so it cannot use KitConfig "
+       "(helpers/platform_setup.py writes the cell)"
+       for a in ASSIGNMENTS for name in ("CD_KIT_COURSE_DIR", "CD_KIT_COURSE_URL")},
 }
 
 
@@ -177,11 +182,13 @@ def test_from_environ_reads_every_variable():
     environ = {"CD_KIT_MODEL": "sd15", "CD_KIT_DEVICE": "cpu", "CD_KIT_TRAIN_PROFILE": "low-memory",
                "CD_KIT_DATA": "/data/coco5k", "CD_KIT_OUT": "/tmp/out", "CD_KIT_REDUCED": "1",
                "NBGRADER_EXECUTION": "validate", "CD_KIT_SOLUTIONS": "/course/source", "CD_KIT_CHECK_SEED": "42",
-               "CD_KIT_HUB_REPO": "me/adapter", "UNRELATED": "x"}
+               "CD_KIT_HUB_REPO": "me/adapter", "CD_KIT_COURSE_DIR": "/kaggle/working/c",
+               "CD_KIT_COURSE_URL": "file:///srv/course.git", "UNRELATED": "x"}
     config = KitConfig.from_environ(environ)
     assert config == KitConfig(model="sd15", device="cpu", train_profile="low-memory", data="/data/coco5k",
                                out="/tmp/out", reduced=True, execution="validate", solutions="/course/source",
-                               check_seed=42, hub_repo="me/adapter")
+                               check_seed=42, hub_repo="me/adapter", course_dir="/kaggle/working/c",
+                               course_url="file:///srv/course.git")
     assert {f.metadata["env"] for f in setting_fields()} <= set(environ)  # the test covers every field
     assert KitConfig.from_environ(config.to_environ()) == config  # round trip through a child's environment
     assert config.out_path == Path("/tmp/out") and config.solutions_path == Path("/course/source")
