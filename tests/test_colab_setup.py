@@ -86,7 +86,10 @@ def test_requirements_follow_the_pyproject(tmp_path):
 
 def test_main_on_a_small_gpu_selects_sd15_and_the_low_memory_profile(monkeypatch, tmp_path, capsys):
     for name in ("CD_KIT_MODEL", "CD_KIT_TRAIN_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch records the variable and removes what main() sets at teardown (a bare
+        # delenv of an absent variable records nothing, and sd15 leaked into every later test's kernels)
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     calls = []
