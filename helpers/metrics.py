@@ -51,6 +51,11 @@ class DigitClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features((x - 0.5) / 0.5))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the Fréchet distance uses: the last convolution block averaged over its 4×4
+        positions, ``(B, 64)``."""
+        return self.features((x - 0.5) / 0.5).mean(dim=(2, 3))
+
 
 # ------------------------------------------------------------------------------------------ conversion
 def images_to_tensor(images) -> torch.Tensor:
