@@ -15,6 +15,8 @@ Both take float tensors ``(N, D)`` and ``(M, D)`` and compute in float64 on the 
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from scipy import linalg
@@ -40,10 +42,12 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
         raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
-        eps = 1e-6 * np.eye(s_a.shape[0])
-        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    with warnings.catch_warnings():  # a singular product (e.g. a set against itself) is expected
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(covmean).all():  # regularise as pytorch-fid does
+            eps = 1e-6 * np.eye(s_a.shape[0])
+            covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
     covmean = covmean.real
     value = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
     return max(value, 0.0)
