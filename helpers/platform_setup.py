@@ -164,12 +164,13 @@ def unpack(bundle: zipfile.ZipFile, folder: str | Path) -> dict[str, list[str]]:
 
     folder, prefix = Path(folder), _bundle_root(bundle)
     manifest = json.loads(bundle.read(prefix + BUNDLE_MANIFEST))
+    entries = sorted(manifest["files"].items()) + [(BUNDLE_MANIFEST, None)]
+    unsafe = [rel for rel, _ in entries if Path(rel).is_absolute() or ".." in Path(rel).parts]
+    if unsafe:  # checked before anything is written
+        raise ValueError(f"the course zip lists the unsafe paths {unsafe}: ask your instructor for a new bundle")
     written, kept = [], []
-    for rel, digest in sorted(manifest["files"].items()) + [(BUNDLE_MANIFEST, None)]:
-        parts = Path(rel).parts
-        if Path(rel).is_absolute() or ".." in parts:
-            raise ValueError(f"the course zip lists the unsafe path {rel!r}: ask your instructor for a new bundle")
-        dest = folder.joinpath(*parts)
+    for rel, digest in entries:
+        dest = folder.joinpath(*Path(rel).parts)
         if dest.is_file():
             if rel.endswith(".ipynb"):
                 kept.append(rel)
