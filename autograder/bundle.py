@@ -4,9 +4,9 @@ The bundle is a course folder without anything of the instructor's:
 
 * ``notebooks/`` — the released student notebooks (``python -m autograder release``: no solution, no hidden test);
 * ``helpers/`` — the package the notebooks import, with the shipped small model and digit classifier
-  (``helpers/assets``), and of ``helpers/commands`` only ``collect`` (handing in). Left out: ``reference_run``
-  (it executes ``solutions/``), ``train_small_model`` and ``train_classifier`` (maintainers rebuild the shipped
-  assets with them) and ``lab`` (it needs nbgrader and the kit's ``nbgrader_config.py``);
+  (``helpers/assets``), and of ``helpers/commands`` only ``collect`` (handing in): the other command-line tools
+  stay with the kit (``reference_run`` executes ``solutions/``, ``train_*`` rebuild the shipped assets, ``lab``
+  needs nbgrader and the kit's ``nbgrader_config.py``; a new command is left out until it is listed here);
 * ``pyproject.toml`` — an installable student package (``cd-course-student``) with the kit's runtime
   dependencies only (no grading, lab or test extras), and ``constraints.txt``, the exact tested versions;
 * ``README.md`` — how to start on a laptop, on Colab, on Kaggle, and how to hand in;
@@ -32,12 +32,11 @@ from string import Template
 from helpers.course import ASSIGNMENTS, KIT_ROOT
 from helpers.platform_setup import BUNDLE_MANIFEST, readme_table
 
-__all__ = ["STUDENT_PACKAGE", "HELPERS_LEFT_OUT", "FORBIDDEN_TEXT", "build_bundle", "student_pyproject", "main"]
+__all__ = ["STUDENT_PACKAGE", "COMMANDS_KEPT", "FORBIDDEN_TEXT", "build_bundle", "student_pyproject", "main"]
 
 STUDENT_PACKAGE = "cd-course-student"
-#: Parts of ``helpers/`` that stay with the instructor (paths relative to ``helpers/``; the reason is above).
-HELPERS_LEFT_OUT = ("commands/reference_run", "commands/train_small_model.py", "commands/train_classifier.py",
-                    "commands/lab.py")
+#: The only files of ``helpers/commands`` that students get (the other tools stay with the kit; see above).
+COMMANDS_KEPT = ("__init__.py", "collect.py")
 #: Text that marks solution or hidden-test material: a bundle holding any of it is not written.
 FORBIDDEN_TEXT = ("### BEGIN SOLUTION", "### BEGIN HIDDEN TESTS", "hidden_check(", "from autograder",
                   "import autograder")
@@ -73,7 +72,8 @@ def _student_readme() -> str:
 
 def _ignore_helpers(folder: str, names: list[str]) -> set[str]:
     rel = Path(folder).resolve().relative_to((KIT_ROOT / "helpers").resolve())
-    return {n for n in names if (rel / n).as_posix() in HELPERS_LEFT_OUT or n == "__pycache__" or n.endswith(".pyc")}
+    left_out = {n for n in names if rel == Path("commands") and n not in COMMANDS_KEPT}
+    return left_out | {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
 
 
 def _commit() -> str | None:

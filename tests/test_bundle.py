@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from autograder.bundle import HELPERS_LEFT_OUT, STUDENT_PACKAGE, build_bundle
+from autograder.bundle import COMMANDS_KEPT, STUDENT_PACKAGE, build_bundle
 from helpers.course import ASSIGNMENTS, KIT_ROOT
 from helpers.notebook_functions import answer_cells
 from helpers.platform_setup import BUNDLE_MANIFEST
@@ -114,8 +114,9 @@ def test_nothing_of_the_instructor_is_in_it(bundle: Path):
     files = _files(bundle)
     assert not [f for f in files if f.split("/")[0] in PRIVATE], files
     assert not [f for f in files if "checks" in f.split("/") or "mutants" in f.split("/")]
-    for left_out in HELPERS_LEFT_OUT:
-        assert not (bundle / "helpers" / left_out).exists(), f"helpers/{left_out} runs or rebuilds instructor material"
+    commands = sorted(p.name for p in (bundle / "helpers" / "commands").iterdir())
+    assert commands == sorted(COMMANDS_KEPT), f"command-line tools of the kit in the bundle: {commands}"
+    assert (KIT_ROOT / "helpers" / "commands" / "reference_run").is_dir()  # what is kept out still exists
     private = {hashlib.sha256(p.read_bytes()).hexdigest(): p.relative_to(KIT_ROOT)
                for folder in ("autograder/checks", "tests") for p in (KIT_ROOT / folder).rglob("*")
                if p.is_file() and p.stat().st_size > 0 and "__pycache__" not in p.parts}
