@@ -174,7 +174,8 @@ fns = load_course_functions("03_ct_derivation", ["q_sample", "ddim_solver_step"]
 print("BUNDLE_CHECK " + json.dumps({
     "helpers": helpers_file, "grader_loaded": "autograder" in sys.modules,
     "files": sorted({str(getattr(m, "__file__", None)) for m in list(sys.modules.values())
-                     if str(getattr(m, "__file__", None) or "").startswith(KIT)})}))
+                     if str(getattr(m, "__file__", None) or "").startswith(KIT)
+                     and not str(getattr(m, "__file__", None)).startswith(sys.prefix)})}))
 '''
 
 
