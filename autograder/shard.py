@@ -291,9 +291,9 @@ def _sort_key(row: dict) -> tuple:
 
 
 def _write_reports(out: Path, replaced: dict[str, Path], similar: Iterable) -> None:
-    """``grades.csv`` from the merged gradebook; ``cells.csv`` and ``submissions.csv``: the kept rows of ``out``
-    and the rows of the shards in ``replaced`` (student -> shard folder), with scores re-read from the merged
-    gradebook (manual grades count) and the similarity column of the whole class."""
+    """``grades.csv`` from the merged gradebook; ``cells.csv`` and ``submissions.csv``: the rows of the shards in
+    ``replaced`` (student -> shard folder) and, for every (student, assignment) they do not list, the rows ``out``
+    held, with scores re-read from the merged gradebook (manual grades count) and the similarity of the whole class."""
     from nbgrader.api import Gradebook
     from nbgrader.plugins import CsvExportPlugin
 
@@ -307,10 +307,12 @@ def _write_reports(out: Path, replaced: dict[str, Path], similar: Iterable) -> N
     similarity = {(c.student, c.assignment, c.notebook, c.grade_id): f"{c.max_similarity:.2f}" for c in similar}
     tables = {}
     for name in ("cells.csv", "submissions.csv"):
-        rows = [r for r in _csv_rows(out / name) if r["student_id"] not in replaced]
-        for shard in sorted(set(replaced.values())):
-            rows += [r for r in _csv_rows(shard / name) if r["student_id"] in replaced]
-        tables[name] = sorted(rows, key=_sort_key)
+        # a shard regraded for some of its students lists only those: the others keep their merged rows
+        fresh = [r for shard in sorted(set(replaced.values())) for r in _csv_rows(shard / name)
+                 if replaced.get(r["student_id"]) == shard]
+        keys = {(r["student_id"], r["assignment"]) for r in fresh}
+        kept = [r for r in _csv_rows(out / name) if (r["student_id"], r["assignment"]) not in keys]
+        tables[name] = sorted(kept + fresh, key=_sort_key)
     totals: dict[tuple[str, str], float] = {}
     for r in tables["cells.csv"]:
         if r["status"] == Status.UNKNOWN_ASSIGNMENT:

@@ -148,8 +148,12 @@ def test_regrading_one_shard_then_merging_updates_only_its_rows(course, tmp_path
     dan = {r[3]: r for r in after["book"] if r[0] == "dan"}
     assert (dan["test_double"][4], dan["test_norm2"][4]) == (1, 2), "dan's regrade did not reach the merge"
     assert dan["explain"][5] == 0.5 and dan["explain"][6], "a manual grade is kept and flagged for review"
-    grades = {r["student_id"]: float(r["score"]) for r in rows(merged / "grades.csv")}
-    assert grades["dan"] == 3.5 and grades["ann"] == 4
+    grades = {r["student_id"]: float(r["score"]) for r in rows(merged / "grades.csv") if r["assignment"] == "01_toy"}
+    assert grades == {"ann": 4, "bob": 3, "cat": 3, "dan": 3.5}
+    # cat (shard 2, not in the regrade's folder) keeps the rows of the first merge
+    for name in ("cells.csv", "submissions.csv"):
+        assert {r["student_id"] for r in rows(merged / name)} == set(SHARD_OF), name
+    assert [r for r in after["cells"] if r["student_id"] == "cat"] == [r for r in before["cells"] if r["student_id"] == "cat"]
     done = _slurm("merge.sbatch", ["2", str(course["graded"])], env)  # nothing new: nothing written
     assert done.returncode == 0 and "nothing to merge" in done.stdout
 
