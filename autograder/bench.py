@@ -196,7 +196,6 @@ def bench_vs_nbgrader(copies: int = 1, workers: int | None = None, assignments: 
     """Grade ``copies`` reference students and as many of each faulty case (:func:`make_mixed_folder`) with plain
     ``nbgrader autograde`` (serial) and with the kit (1 and ``workers`` workers); print and return (and write to
     ``json_path``) submissions per minute, the ratios and the per-submission agreement of the scores."""
-    import json
     import os
     import platform
 
@@ -219,11 +218,13 @@ def bench_vs_nbgrader(copies: int = 1, workers: int | None = None, assignments: 
         env = dict(os.environ, **config.replace(solutions=str(source), check_seed=seed).to_environ())
         n = len(made)
         runs: dict[str, dict] = {}
+        partial = {"submissions": n, "assignments": chosen, "runs": runs, "complete": False}
         seconds, codes = plain_nbgrader(root / "nbgrader", source, root / "submitted", chosen, timeout, env)
         runs["nbgrader"] = {"workers": 1, "seconds": seconds, "per_minute": 60.0 * n / seconds,
                             "exit_codes": codes}
         print(f"plain nbgrader autograde   workers=1   submissions={n:<4d} seconds={seconds:7.1f} "
               f"submissions/min={runs['nbgrader']['per_minute']:6.2f}", flush=True)
+        _dump(json_path, partial)  # each run as it ends: a run cut short by a time limit keeps what it measured
         for label, w in (("kit_serial", 1), ("kit_parallel", workers)):
             started = time.monotonic()
             grade(root / "submitted", root / label, workers=w, timeout=timeout, source_dir=source,
@@ -232,12 +233,13 @@ def bench_vs_nbgrader(copies: int = 1, workers: int | None = None, assignments: 
             runs[label] = {"workers": w, "seconds": seconds, "per_minute": 60.0 * n / seconds}
             print(f"kit {label[4:]:<22s} workers={w:<3d} submissions={n:<4d} seconds={seconds:7.1f} "
                   f"submissions/min={runs[label]['per_minute']:6.2f}", flush=True)
+            _dump(json_path, partial)
         rows = _compare(made, root / "kit_serial", root / "nbgrader")
         same = _cells(root / "kit_serial") == _cells(root / "kit_parallel")
     load_after = os.getloadavg()
     base = runs["nbgrader"]["per_minute"]
     result = {"submissions": n, "copies": copies, "assignments": chosen, "cases": sorted({c for *_, c in made}),
-              "timeout": timeout, "runs": runs,
+              "timeout": timeout, "runs": runs, "complete": True,
               "ratio_kit_serial": runs["kit_serial"]["per_minute"] / base,
               "ratio_kit_parallel": runs["kit_parallel"]["per_minute"] / base,
               "kit_serial_equals_parallel": same, "submissions_compared": rows,
@@ -255,10 +257,17 @@ def bench_vs_nbgrader(copies: int = 1, workers: int | None = None, assignments: 
                   f"plain nbgrader {nbg}: {r['why']}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        _dump(json_path, result)
         print(f"wrote {json_path}")
     return result
+
+
+def _dump(path: str | Path | None, data: dict) -> None:
+    import json
+
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _gpu_name() -> str | None:
