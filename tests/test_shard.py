@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from autograder.shard import Shard, shard_of
-from autograder.testing import BAD_CASES, TOY_CHECKS_MODULE, dump, reference_case, substitute
+from autograder.testing import BAD_CASES, TOY_CHECKS_MODULE, dump, substitute
 from helpers.course import KIT_ROOT
 from test_autograder import TIMEOUT, gradebook, grade, rows, toy  # noqa: F401 - toy is a fixture
 from test_similarity import NORM2_COPY, NORM2_ORIGINAL
@@ -126,8 +126,7 @@ def test_regrading_one_shard_then_merging_updates_only_its_rows(course, tmp_path
     # dan hands in an honest notebook; only his shard is regraded (nbgrader's way: a folder with him alone)
     resubmitted = tmp_path / "submitted"
     shutil.copytree(course["sub"] / "dan", resubmitted / "dan")
-    files = {"toy.ipynb": (course["sub"] / "bob" / "01_toy" / "toy.ipynb").read_text()}
-    (resubmitted / "dan" / "01_toy" / "toy.ipynb").write_text(files["toy.ipynb"])
+    shutil.copyfile(course["sub"] / "bob" / "01_toy" / "toy.ipynb", resubmitted / "dan" / "01_toy" / "toy.ipynb")
     done = _slurm("grade.sbatch", ["2", str(resubmitted), str(course["graded"]), "--source", str(source), *OPTIONS],
                   env, task=2)
     assert done.returncode == 0, done.stdout + done.stderr
