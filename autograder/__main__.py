@@ -1,4 +1,4 @@
-"""Command line of the grading side: ``python -m autograder {release,bundle,grade,bench,export} ...``."""
+"""Command line of the grading side: ``python -m autograder {release,bundle,grade,merge,bench,export} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -21,32 +21,68 @@ def _add_grading_options(p: argparse.ArgumentParser) -> None:
                    help="memory limit of each kernel and re-check process (default: 80%% of RAM / workers)")
 
 
+def _shard(text: str):
+    from autograder.shard import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _print_flagged(flagged: list) -> None:
+    if flagged:
+        print(f"similarity: {len(flagged)} flagged answer cells (scores unchanged; similarity.csv, "
+              "formgrader comments):")
+        for cell in flagged[:_MAX_FLAGGED_LINES]:
+            print(f"  {cell.describe()}")
+        if len(flagged) > _MAX_FLAGGED_LINES:
+            print(f"  ... and {len(flagged) - _MAX_FLAGGED_LINES} more in similarity.csv")
+    else:
+        print("similarity: no flagged answer cells")
+
+
 def _grade(args: argparse.Namespace) -> int:
     from autograder.grade import grade
 
     summary = grade(args.submitted, args.out, workers=args.workers, timeout=args.timeout, source_dir=args.source,
                     check_modules=tuple(m for m in args.checks.split(",") if m), memory_gb=args.memory_gb,
-                    submission_timeout=args.submission_timeout, progress=not args.quiet)
+                    submission_timeout=args.submission_timeout, progress=not args.quiet, shard=args.shard)
+    if args.shard is not None:
+        print(f"shard {args.shard}: the students whose id hashes to it (autograder/shard.py); "
+              "copy detection compared them with each other only, `merge` compares the whole class")
     print(f"graded {summary.submissions} submissions in {summary.seconds:.0f} s with {summary.workers} workers "
           f"({summary.per_minute:.1f}/min); {summary.problems} with notebooks that could not be graded, "
           f"{summary.unknown} unknown assignment folders")
     print("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in (summary.phases or {}).items()))
-    if summary.flagged:
-        print(f"similarity: {len(summary.flagged)} flagged answer cells (scores unchanged; similarity.csv, "
-              "formgrader comments):")
-        for cell in summary.flagged[:_MAX_FLAGGED_LINES]:
-            print(f"  {cell.describe()}")
-        if len(summary.flagged) > _MAX_FLAGGED_LINES:
-            print(f"  ... and {len(summary.flagged) - _MAX_FLAGGED_LINES} more in similarity.csv")
-    else:
-        print("similarity: no flagged answer cells")
+    _print_flagged(summary.flagged)
     print(f"wrote {summary.out_dir}/grades.csv, cells.csv, submissions.csv, similarity.csv, feedback/, gradebook.db")
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from autograder.bench import bench
+def _merge(args: argparse.Namespace) -> int:
+    from autograder.shard import merge
 
+    summary = merge(args.shards, args.out)
+    if not summary.updated:
+        print(f"nothing to merge: every shard is as merged before into {summary.out_dir}")
+        return 0
+    kept = f"; kept as merged before: {', '.join(map(str, summary.unchanged))}" if summary.unchanged else ""
+    print(f"merged shards {', '.join(map(str, summary.updated))}{kept} into {summary.out_dir} "
+          f"({summary.students} students); recomputed: grades.csv, cell and submission scores, similarity over all shards")
+    _print_flagged(summary.flagged)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from autograder.bench import bench, bench_vs_nbgrader
+
+    if args.vs_nbgrader:
+        bench_vs_nbgrader(copies=args.copies, workers=args.workers, assignments=args.assignment or None,
+                          timeout=args.timeout, source_dir=args.source,
+                          check_modules=tuple(m for m in args.checks.split(",") if m), memory_gb=args.memory_gb,
+                          keep=args.keep, json_path=args.json)
+        return 0
     bench(copies=args.copies, workers=args.workers, assignments=args.assignment or None, timeout=args.timeout,
           source_dir=args.source, check_modules=tuple(m for m in args.checks.split(",") if m),
           memory_gb=args.memory_gb, keep=args.keep)
@@ -80,11 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--submission-timeout", type=float, default=None,
                     help="hard limit per submission in seconds (default: per-cell timeout x (code cells + 5))")
     gr.add_argument("--quiet", action="store_true", help="no progress bar")
+    gr.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                    help="grade only shard I of N (1 <= I <= N): the students with sha256(id) mod N + 1 == I")
+
+    me = sub.add_parser("merge", help="merge the OUT_DIRs of `grade --shard I/N` into one course folder")
+    me.add_argument("shards", nargs="+", metavar="SHARD_OUT_DIR")
+    me.add_argument("--out", required=True, metavar="OUT_DIR",
+                    help="a new folder, or an earlier merge of the same shards (updated; manual grades kept)")
 
     be = sub.add_parser("bench", help="submissions/minute grading K copies of the reference, serial vs parallel")
     be.add_argument("--copies", type=int, default=4, help="K: students, each submitting the reference solutions")
     be.add_argument("--assignment", action="append", help="only this assignment (repeatable; default all)")
     be.add_argument("--keep", default=None, help="keep the benchmark folders here")
+    be.add_argument("--vs-nbgrader", action="store_true",
+                    help="also grade reference and faulty submissions with plain `nbgrader autograde` and compare")
+    be.add_argument("--json", default=None, metavar="FILE", help="with --vs-nbgrader: write the results here")
     _add_grading_options(be)
 
     ex = sub.add_parser("export", help="the gradebook's totals as an LMS grade-import CSV (Canvas, Moodle, plain)")
@@ -116,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return bundle(args.out, args.zip)
         if args.command == "grade":
             return _grade(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "bench":
             return _bench(args)
         if args.command == "export":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from autograder.config import CELL_TIMEOUT_S, COURSE_ID, MAX_OUTPUT_BYTES, course_config
 from autograder.batteries import load_batteries
+from autograder.shard import Shard, check_out_dir, mark_in_progress, write_marker
 from autograder.tape import DEFAULT_CHECK_SEED, TapeStore
 from autograder.types import CellRow, CourseStructure, Status
 from helpers.config import KitConfig
@@ -117,9 +118,20 @@ def _generate(root: Path, db: Path, assignments: Iterable[str]) -> None:
             raise RuntimeError(f"nbgrader generate_assignment failed for {a}:\n{out.get('log')}\n{out.get('error')}")
 
 
-def prepare_course(out: Path, source_dir: Path, tmp: Path) -> tuple[CourseStructure, Path]:
+def write_nbgrader_config(folder: Path, course_root: Path) -> None:
+    """``folder/nbgrader_config.py``: points nbgrader's own tools (formgrader) at ``course_root``."""
+    (folder / "nbgrader_config.py").write_text(
+        "# Written by `python -m autograder grade`: run `nbgrader formgrader` (or `jupyter lab`) in this folder.\n"
+        "from autograder.config import course_config\n\n"
+        "c = get_config()  # noqa: F821\n"
+        f"c.merge(course_config({str(course_root)!r}, source_dir='source', release_dir='release'))\n")
+
+
+def prepare_course(out: Path, source_dir: Path, tmp: Path, config_root: Path | None = None
+                   ) -> tuple[CourseStructure, Path]:
     """Copy the sources into ``out/source``, build a template gradebook (assignments only) in ``tmp`` and
-    create or update ``out/gradebook.db``; return the expected structure and the template's path."""
+    create or update ``out/gradebook.db``; return the expected structure and the template's path.
+    ``config_root``: the folder ``nbgrader_config.py`` points at (default ``out``; a merge builds elsewhere)."""
     if source_dir.resolve() != (out / "source").resolve():
         _rmtree(out / "source")
         shutil.copytree(source_dir, out / "source", ignore=_IGNORE)
@@ -132,11 +144,7 @@ def prepare_course(out: Path, source_dir: Path, tmp: Path) -> tuple[CourseStruct
         _generate(out, main_db, expected)
     else:
         shutil.copy(template_root / "gradebook.db", main_db)
-    (out / "nbgrader_config.py").write_text(
-        "# Written by `python -m autograder grade`: run `nbgrader formgrader` (or `jupyter lab`) in this folder.\n"
-        "from autograder.config import course_config\n\n"
-        "c = get_config()  # noqa: F821\n"
-        f"c.merge(course_config({str(out)!r}, source_dir='source', release_dir='release'))\n")
+    write_nbgrader_config(out, config_root or out)
     return expected, template_root / "gradebook.db"
 
 
@@ -354,13 +362,15 @@ def _record_tapes(source: Path, check_modules: tuple[str, ...], tape_dir: Path) 
 def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = None,
           timeout: int = CELL_TIMEOUT_S, source_dir: str | Path | None = None,
           check_modules: Iterable[str] = ("autograder.checks",), memory_gb: float | None = None,
-          submission_timeout: float | None = None, recheck: bool = True, progress: bool = True) -> Summary:
+          submission_timeout: float | None = None, recheck: bool = True, progress: bool = True,
+          shard: Shard | None = None) -> Summary:
     """Grade every ``submitted_dir/<student>/<assignment>/`` into the course folder ``out_dir``.
 
     ``workers``: parallel worker processes (default :func:`default_workers`); ``timeout``: per-cell limit in
     seconds (kernel cells and the isolated re-check); ``source_dir``: the source notebooks (default the kit's
     ``solutions/``); ``check_modules``: modules defining the hidden batteries; ``memory_gb``: memory limit of
-    each kernel and re-check process; ``recheck=False`` skips the isolated re-check (not for real grading).
+    each kernel and re-check process; ``recheck=False`` skips the isolated re-check (not for real grading);
+    ``shard``: grade only the students of this shard (``autograder/shard.py``) and write ``out_dir/shard.json``.
     """
     from tqdm.auto import tqdm
 
@@ -374,7 +384,9 @@ def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = 
         raise FileNotFoundError(f"No source notebooks in {source}: pass --source (the solutions folder).")
     if out == submitted or submitted in out.parents:
         raise ValueError(f"--out {out} must not be inside the submitted folder {submitted}.")
+    check_out_dir(out, shard)
     out.mkdir(parents=True, exist_ok=True)
+    mark_in_progress(out)
     n = workers or default_workers()
     phases: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="cd-grade-") as tmp_name:
@@ -384,6 +396,9 @@ def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = 
             expected, template = prepare_course(out, source, tmp)
         phases["prepare"] = time.monotonic() - started
         tasks, unknown = scan_submissions(submitted, expected)
+        if shard is not None:
+            tasks = [t for t in tasks if shard.holds(t.student)]
+            unknown = [u for u in unknown if shard.holds(u[0])]
         protected = [source, out, submitted, tmp, *kit_private_paths()]
         if recheck and tasks:  # the reference's values on each battery, recorded once before any kernel runs
             phases["record"] = _record_tapes(out / "source", tuple(check_modules), tmp / "tapes")
@@ -412,6 +427,9 @@ def grade(submitted_dir: str | Path, out_dir: str | Path, workers: int | None = 
         similar = _similarity(out)  # after the feedback: this run's feedback never shows the notes
         phases["similarity"] = time.monotonic() - started - sum(phases.values())
         write_reports(out, results, unknown, similar)
+    if shard is not None:  # last: a shard folder whose grading stopped half-way has no new run id to merge
+        seed = KitConfig.from_environ().check_seed
+        write_marker(out, shard, out / "source", tuple(check_modules), DEFAULT_CHECK_SEED if seed is None else seed)
     problems = sum(1 for r in results if any(c.notebook not in r.notebooks for c in r.cells))
     return Summary(len(results), problems, len(unknown), time.monotonic() - started, n, out, phases,
                    [c for c in similar if c.flagged])
