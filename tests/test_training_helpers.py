@@ -68,8 +68,12 @@ def test_profiles(make_config):
     assert (low.student_base, low.teacher, low.gradient_checkpointing) == ("half", "shared", True)
     assert (low.batch_size, low.learning_rate, low.lora_rank) == (course.batch_size, course.learning_rate, 64)
     assert training.run_settings("small", make_config(train_profile="low-memory")).teacher == "shared"
+    fast = training.settings_for("sd15", "fast")
+    assert (fast.student_base, fast.teacher, fast.gradient_checkpointing) == ("half", "shared", False)
+    assert (fast.batch_size, fast.gradient_accumulation_steps) == (16, 1), "the recipe's 16 examples as one batch"
+    assert (fast.learning_rate, fast.lora_rank, fast.num_images) == (course.learning_rate, 64, course.num_images)
     with pytest.raises(ValueError, match="CD_KIT_TRAIN_PROFILE"):
-        training.run_settings("small", make_config(train_profile="fast"))
+        training.run_settings("small", make_config(train_profile="turbo"))
     if not torch.cuda.is_available():
         assert training.pick_profile() == "course"
 
