@@ -1,4 +1,4 @@
-"""Command line of the grading side: ``python -m autograder {release,grade,bench,export} ...``."""
+"""Command line of the grading side: ``python -m autograder {release,bundle,grade,bench,export} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     rel = sub.add_parser("release", help="generate notebooks/ (student versions) from solutions/")
     rel.add_argument("--out", default=None, help="output folder (default: the kit's notebooks/)")
 
+    bu = sub.add_parser("bundle", help="write what students get (released notebooks, helpers, README; no solutions)")
+    bu.add_argument("--out", required=True, metavar="DIR", help="the bundle folder (new, empty, or an earlier bundle)")
+    bu.add_argument("--zip", action="store_true", help="also write DIR.zip (what the Colab/Kaggle setup cell fetches)")
+
     gr = sub.add_parser("grade", help="autograde SUBMITTED_DIR/<student>/<assignment>/*.ipynb into OUT_DIR")
     gr.add_argument("submitted", metavar="SUBMITTED_DIR")
     gr.add_argument("--out", required=True, metavar="OUT_DIR", help="course folder for the gradebook and reports")
@@ -106,13 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {f}")
         return 0
     try:
+        if args.command == "bundle":
+            from autograder.bundle import main as bundle
+
+            return bundle(args.out, args.zip)
         if args.command == "grade":
             return _grade(args)
         if args.command == "bench":
             return _bench(args)
         if args.command == "export":
             return _export(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 2

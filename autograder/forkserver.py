@@ -13,6 +13,7 @@ requests, and restarts the server if it dies.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from autograder.batteries import load_batteries
+from autograder.batteries import Batteries, load_batteries
 from autograder.tape import DEFAULT_CHECK_SEED, TapeStore, close_enough, decode
 from helpers.config import KitConfig
 from autograder.types import Status, Verdict
@@ -327,7 +328,6 @@ class RecheckClient:
         #: of the committed answers stay on)
         self.filters = filters
         self._tapes: TapeStore | None = None
-        self._batteries = None
 
     @property
     def pid(self) -> int | None:
@@ -386,18 +386,21 @@ class RecheckClient:
             self._cache[key] = result
         return self._cache[key]
 
+    @functools.cached_property
+    def batteries(self) -> Batteries:
+        """The hidden batteries (loaded once, in the grader: the checks the tapes record and the dependencies a
+        request carries)."""
+        return load_batteries(self.config["check_modules"])
+
     def _store(self) -> TapeStore:
         if self._tapes is None:
-            if self._batteries is None:
-                self._batteries = load_batteries(self.config["check_modules"])
-            self._tapes = TapeStore(self.config["source_dir"], self._batteries.checks, self._batteries.depends,
+            self._tapes = TapeStore(self.config["source_dir"], self.batteries.checks, self.batteries.depends,
                                     self.tape_dir, self.seed)
         return self._tapes
 
     def prepare(self) -> dict[str, float]:
         """Record (or load from ``tape_dir``) every function's tape now, before any kernel runs."""
-        functions = [f for f in sorted(self._store().checks) if f in source_functions(self.config["source_dir"])]
-        return self._store().record_all(functions)
+        return self._store().record_all()
 
     def _tape(self, function: str) -> list[list[str]]:
         """The recorded values of ``function``'s reference on its battery (recorded here, in the grader)."""
@@ -418,7 +421,7 @@ class RecheckClient:
             if committed is None or not close_enough(decode(committed), decode(tape[index][1])):
                 return Verdict(Status.FAILED, f"the value the function returned before recorded value {index + 1} "
                                               "differs from the reference's (checked by the grader)", verdict.seconds,
-                               against_reference=function in (self._batteries.kernel_blind if self._batteries else ()))
+                               against_reference=function in self.batteries.kernel_blind)
         return verdict
 
     def _request(self, function: str, source: str) -> dict:
@@ -427,9 +430,7 @@ class RecheckClient:
                 "dependencies": graded_sources(function, depends, self.config["source_dir"])}
 
     def _depends(self, function: str) -> tuple[str, ...]:
-        if self._batteries is None:
-            self._batteries = load_batteries(self.config["check_modules"])
-        return self._batteries.depends.get(function, ())
+        return self.batteries.depends.get(function, ())
 
     def _check(self, function: str, source: str) -> Verdict:
         request = self._request(function, source)

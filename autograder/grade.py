@@ -28,7 +28,6 @@ from autograder.batteries import load_batteries
 from autograder.tape import DEFAULT_CHECK_SEED, TapeStore
 from autograder.types import CellRow, CourseStructure, Status
 from helpers.config import KitConfig
-from helpers.notebook_functions import source_functions
 from helpers.course import KIT_ROOT, SOLUTIONS_DIR
 from autograder.worker import Result, Settings, Task, run_pool
 
@@ -346,10 +345,9 @@ def _record_tapes(source: Path, check_modules: tuple[str, ...], tape_dir: Path) 
     """Record every battery's tape into ``tape_dir`` (the workers load them); return the seconds it took."""
     started = time.monotonic()
     batteries = load_batteries(check_modules)
-    functions = [f for f in sorted(batteries.checks) if f in source_functions(source)]
     seed = KitConfig.from_environ().check_seed
     TapeStore(source, batteries.checks, batteries.depends, tape_dir,
-              DEFAULT_CHECK_SEED if seed is None else seed).record_all(functions)
+              DEFAULT_CHECK_SEED if seed is None else seed).record_all()
     return time.monotonic() - started
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from helpers.config import KitConfig
+from helpers.notebook_functions import source_functions
 
 __all__ = ["Entry", "digest", "Recorder", "record_tape", "TapeStore", "encode", "decode", "close_enough", "Replay",
            "TapeDiverged", "TapeRefused", "seed_like_recheck"]
@@ -199,11 +200,17 @@ class TapeStore:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._tapes: dict[str, list[Entry]] = {}
 
+    def graded_functions(self) -> list[str]:
+        """The functions with both a hidden battery and a reference answer cell in the source notebooks."""
+        answers = source_functions(self.source_dir)
+        return [f for f in sorted(self.checks) if f in answers]
+
     def record_all(self, functions: list[str] | None = None) -> dict[str, float]:
-        """Record (or load) the tape of every battery's function now, before any submission runs (a kernel runs
-        with the grader's user id and could change the solution files later); return the seconds each took."""
+        """Record (or load) the tape of each of ``functions`` (default :meth:`graded_functions`) now, before any
+        submission runs (a kernel runs with the grader's user id and could change the solution files later);
+        return the seconds each took."""
         seconds = {}
-        for function in functions if functions is not None else sorted(self.checks):
+        for function in functions if functions is not None else self.graded_functions():
             started = time.monotonic()
             self.get(function)
             seconds[function] = round(time.monotonic() - started, 3)

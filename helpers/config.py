@@ -20,8 +20,8 @@ __all__ = ["KitConfig", "KIT_ROOT", "KIT_CHECKOUT", "default_out_path", "restore
            "update_docs"]
 
 KIT_ROOT = Path(__file__).resolve().parents[1]
-#: True when ``helpers`` runs from a checkout of the kit (an editable install or ``PYTHONPATH``), False when it is
-#: installed from a wheel, an sdist or ``pip install git+URL`` (then ``KIT_ROOT`` is ``site-packages``, which is
+#: True when ``helpers`` runs from a checkout of the kit or an unpacked student bundle (an editable install or
+#: ``PYTHONPATH``), False when it is installed from a wheel, an sdist or ``pip install git+URL`` (then ``KIT_ROOT`` is ``site-packages``, which is
 #: no place for outputs, and there are no ``solutions/`` or ``docs/``).
 KIT_CHECKOUT: bool = (KIT_ROOT / "pyproject.toml").is_file() and (KIT_ROOT / "helpers" / "__init__.py").is_file()
 DOCS_FILE = KIT_ROOT / "docs" / "configuration.md"
@@ -77,8 +77,9 @@ class KitConfig:
                                       "before the kit is installed); unset: `MyDrive/cd-course` on Google Drive "
                                       "(Colab), `/kaggle/working/cd-course` (Kaggle). The simulation test sets it.")
     course_url: str | None = _setting("CD_KIT_COURSE_URL", None,
-                                      "Git URL the Colab/Kaggle setup cell clones the course from (read by the cell "
-                                      "itself); unset: the cell's `COURSE_URL` (`docs/colab.md`).")
+                                      "URL of the student bundle's zip (`python -m autograder bundle --zip`) the "
+                                      "Colab/Kaggle setup cell downloads (read by the cell itself; `file://` works); "
+                                      "unset: the cell's `COURSE_URL` (`docs/colab.md`).")
     hub_repo: str | None = _setting("CD_KIT_HUB_REPO", None,
                                     "Hub repository notebook 05 pushes the trained adapter to (with `HF_TOKEN`); "
                                     "unset: nothing is pushed.")
@@ -174,6 +175,11 @@ def default_out_path() -> Path:
 def restore_hint(path: str | Path) -> str:
     """How to get back a shipped file that is missing (the small model, the digit classifier): ``git checkout`` in
     a checkout; reinstalling the package when the kit is installed (its wheel and sdist carry ``helpers/assets``)."""
+    from helpers.platform_setup import BUNDLE_MANIFEST
+
+    if (KIT_ROOT / BUNDLE_MANIFEST).is_file():
+        return ("Unpack the course bundle you were given again (on Colab or Kaggle: delete the course folder's "
+                "`helpers/` and rerun the notebook's first cell)")
     if KIT_CHECKOUT:
         return f"Restore it with `git checkout -- {path}`"
     return ("Reinstall the kit, which ships it (`pip install --force-reinstall --no-deps` of the wheel, sdist or "

@@ -133,6 +133,11 @@ def default_course_dir(config: KitConfig) -> Path:
     """The folder holding the assignment folders: the solutions under autograde, else the parent of the
     notebook's working directory (``notebooks/`` for a student, ``solutions/`` for the reference run)."""
     if config.autograding:
+        if not config.solutions_path.is_dir():
+            raise FileNotFoundError(
+                f"Autograding reads the earlier assignments' functions from the solution notebooks, and there are "
+                f"none at {config.solutions_path}: grade with the instructor's kit (`python -m autograder grade`), "
+                f"or set {KitConfig.env_var('solutions')} to their folder. A student bundle has no solutions.")
         return config.solutions_path
     return Path.cwd().parent
 

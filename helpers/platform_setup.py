@@ -1,16 +1,20 @@
 """The Colab / Kaggle setup: what each notebook's first code cell runs on those platforms (``docs/colab.md``).
 
 The cell runs *before* the kit is installed, so this module uses the standard library only and is loaded by file
-path (``importlib.util.spec_from_file_location``), never as ``helpers.platform_setup`` through the package. The
-cell itself (:func:`cell_source`) detects the platform, mounts Google Drive on Colab, clones or updates the course
-into the course folder and then calls :func:`main`, which
+path or from the downloaded zip, never as ``helpers.platform_setup`` through the package. The cell itself
+(:func:`cell_source`) detects the platform, mounts Google Drive on Colab, downloads the **student bundle**
+(``python -m autograder bundle --zip``: released notebooks, ``helpers``, the student ``pyproject.toml``; never the
+kit with its solutions) from ``COURSE_URL`` and then calls :func:`main`, which
 
+* unpacks the bundle into the course folder (:func:`unpack`): new and changed files of ``helpers/``, the
+  ``pyproject.toml`` and the docs are written, a notebook only when the course folder has none yet (your work is
+  never overwritten); a zip without ``BUNDLE.json`` is refused;
 * installs only what the platform lacks or has too old, read from the course folder's ``pyproject.toml`` at run
   time (so it follows whatever that file says), and never replaces the platform's torch/CUDA or its kernel stack
   (they are pinned to the installed versions with a pip constraints file);
-* installs the kit itself with ``--no-deps`` (editable, from the course folder) and puts the folder first on
-  ``sys.path``, so ``import helpers`` works in the running kernel; only when a module the kernel had already
-  imported was upgraded does it say, once, that the session must be restarted;
+* installs the student package itself with ``--no-deps`` (editable, from the course folder) and puts the folder
+  first on ``sys.path``, so ``import helpers`` works in the running kernel; only when a module the kernel had
+  already imported was upgraded does it say, once, that the session must be restarted;
 * on a CUDA GPU of at most 16 GiB (Colab's and Kaggle's T4) selects SD1.5 and the ``low-memory`` training profile
   for this kernel (unless they are set already), and changes into the assignment's folder so that
   :func:`helpers.notebook_functions.load_course_functions` finds the earlier notebooks.
@@ -30,15 +34,19 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["REPOSITORY", "KEEP", "NOT_NEEDED", "requirements", "to_install", "constraints", "main", "cell_source",
-           "badges", "update_sources"]
+__all__ = ["REPOSITORY", "BUNDLE_MANIFEST", "KEEP", "NOT_NEEDED", "requirements", "package_name", "to_install",
+           "constraints", "unpack", "main", "cell_source", "badges", "update_sources"]
 
-#: GitHub ``owner/name`` the badges and the cell's ``COURSE_URL`` point to. A placeholder: the instructor sets
-#: it here, then runs ``python -m helpers.platform_setup`` and ``make release`` (``docs/colab.md``).
+#: GitHub ``owner/name`` of the class's student repository (the bundle, pushed): the badges open its notebooks and the
+#: cell's ``COURSE_URL`` downloads its zip. A placeholder: the instructor sets it here, then runs
+#: ``python -m helpers.platform_setup`` and ``make release`` (``docs/colab.md``).
 REPOSITORY = "OWNER/REPO"
+#: The file that makes a folder (or a zip) a student bundle: what it is and the SHA-256 of each file.
+BUNDLE_MANIFEST = "BUNDLE.json"
 #: The platform's own stack: never installed, upgraded or replaced (pinned to what is installed).
 KEEP = ("torch", "torchvision", "torchaudio", "triton", "ipykernel", "ipython", "jupyter-client", "jupyter-core",
         "jupyter-server", "traitlets", "tornado", "pyzmq")
@@ -68,6 +76,12 @@ def requirements(folder: str | Path) -> list[str]:
     ``pyproject.toml`` (no extras: grading, lab and test tools are extras or in :data:`NOT_NEEDED`)."""
     with open(Path(folder) / "pyproject.toml", "rb") as f:
         return list(tomllib.load(f)["project"].get("dependencies", []))
+
+
+def package_name(folder: str | Path) -> str:
+    """``[project] name`` of the course folder's ``pyproject.toml`` (``cd-course-student`` in a bundle)."""
+    with open(Path(folder) / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["name"]
 
 
 def _installed(name: str) -> str | None:
@@ -131,11 +145,60 @@ def _small_gpu() -> str | None:
     return props.name if props.total_memory <= SMALL_GPU_BYTES else None
 
 
-def main(folder: str | Path, assignment: str, *, pip: Callable[..., None] = _pip,
-         small_gpu: Callable[[], str | None] = _small_gpu) -> dict:
-    """Install what is missing, make ``helpers`` importable, pick the T4 settings, change into the assignment.
-    Returns what it did (for tests); prints it."""
+def _bundle_root(bundle: zipfile.ZipFile) -> str:
+    """The folder prefix of the bundle inside the zip (``DIR/`` of ``autograder bundle --zip``, ``REPO-main/`` of
+    GitHub's archive of a repository); a clear error for a zip that is not a student bundle."""
+    manifests = sorted((n for n in bundle.namelist() if n.rsplit("/", 1)[-1] == BUNDLE_MANIFEST), key=len)
+    if not manifests or manifests[0].count("/") > 1:
+        raise ValueError(f"the course zip holds no {BUNDLE_MANIFEST}: it is not a student bundle. COURSE_URL must "
+                         "point at the zip of `python -m autograder bundle --zip` (or of a repository holding that "
+                         "bundle), never at the course kit itself")
+    return manifests[0][: -len(BUNDLE_MANIFEST)]
+
+
+def unpack(bundle: zipfile.ZipFile, folder: str | Path) -> dict[str, list[str]]:
+    """Bring the course ``folder`` up to date with ``bundle``: files listed in its manifest that are missing or
+    differ are written, except notebooks (``*.ipynb``) the folder already has (the student's work, kept as it
+    is). Returns ``{"written": [...], "kept": [...]}`` (paths relative to the folder)."""
+    import hashlib
+
+    folder, prefix = Path(folder), _bundle_root(bundle)
+    manifest = json.loads(bundle.read(prefix + BUNDLE_MANIFEST))
+    entries = sorted(manifest["files"].items()) + [(BUNDLE_MANIFEST, None)]
+    unsafe = [rel for rel, _ in entries if Path(rel).is_absolute() or ".." in Path(rel).parts]
+    if unsafe:  # checked before anything is written
+        raise ValueError(f"the course zip lists the unsafe paths {unsafe}: ask your instructor for a new bundle")
+    written, kept = [], []
+    for rel, digest in entries:
+        dest = folder.joinpath(*Path(rel).parts)
+        if dest.is_file():
+            if rel.endswith(".ipynb"):
+                kept.append(rel)
+                continue
+            if digest is not None and hashlib.sha256(dest.read_bytes()).hexdigest() == digest:
+                continue
+        data = bundle.read(prefix + rel)
+        if rel == BUNDLE_MANIFEST and dest.is_file() and dest.read_bytes() == data:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        written.append(rel)
+    return {"written": written, "kept": kept}
+
+
+def main(folder: str | Path, assignment: str, *, bundle: zipfile.ZipFile | None = None,
+         pip: Callable[..., None] = _pip, small_gpu: Callable[[], str | None] = _small_gpu) -> dict:
+    """Unpack ``bundle`` (the downloaded course zip, if any) into ``folder``, install what is missing, make
+    ``helpers`` importable, pick the T4 settings, change into the assignment. Returns what it did (for tests);
+    prints it."""
     folder = Path(folder).resolve()
+    unpacked = {"written": [], "kept": []}
+    if bundle is not None:
+        unpacked = unpack(bundle, folder)
+        if unpacked["written"]:
+            print(f"Course {'updated' if unpacked['kept'] else 'unpacked'} in {folder}: {len(unpacked['written'])} "
+                  f"files written" + (f", your {len(unpacked['kept'])} notebooks kept as they are" if unpacked['kept']
+                                      else ""))
     install, notes = to_install(requirements(folder))
     restart = False
     if install:
@@ -146,7 +209,7 @@ def main(folder: str | Path, assignment: str, *, pip: Callable[..., None] = _pip
         print(f"Installing {len(install)} packages the platform lacks: "
               + ", ".join(_packaging()[0](line).name for line in install))
         pip("-c", f.name, *install)
-    kit_installed = _installed("cd-course-kit") is not None
+    kit_installed = _installed(package_name(folder)) is not None
     if not kit_installed:
         pip("--no-deps", "-e", str(folder))
     for name in [m for m in sys.modules if m == "helpers" or m.startswith("helpers.")]:
@@ -175,7 +238,7 @@ def main(folder: str | Path, assignment: str, *, pip: Callable[..., None] = _pip
         print("\nRESTART NEEDED, ONCE: packages this session had already imported were upgraded. Restart the session "
               "(Colab: Runtime > Restart session; Kaggle: Run > Restart & clear cell outputs) and run this cell "
               "again; it will find everything installed and go on without restarting.")
-    return {"installed": install, "notes": notes, "kit_installed_now": not kit_installed, "gpu": gpu, "chosen": chosen,
+    return {"unpacked": unpacked, "installed": install, "notes": notes, "kit_installed_now": not kit_installed, "gpu": gpu, "chosen": chosen,
             "restart": restart, "cwd": str(target)}
 
 
@@ -184,12 +247,12 @@ def main(folder: str | Path, assignment: str, *, pip: Callable[..., None] = _pip
 def cell_source(assignment: str, repository: str = REPOSITORY) -> str:
     """The first code cell of the notebook of ``assignment`` (stdlib only: it runs before the kit is installed)."""
     return f'''{FIRST_CELL_MARK} (not graded; anywhere else it prints one line and does nothing). It keeps the
-# course in a folder that lasts (Google Drive on Colab, /kaggle/working on Kaggle), installs what is missing
-# without touching the platform's torch, and opens this assignment's folder. See docs/colab.md.
+# course in a folder that lasts (Google Drive on Colab, /kaggle/working on Kaggle), downloads the class's student
+# bundle into it (your notebooks there are never overwritten), installs what is missing without touching the
+# platform's torch, and opens this assignment's folder. See docs/colab.md.
 ASSIGNMENT = "{assignment}"
-COURSE_URL = "https://github.com/{repository}.git"  # the class's student repository, or the kit for self-learners
-import os, subprocess, sys
-from importlib.util import module_from_spec, spec_from_file_location
+COURSE_URL = "https://github.com/{repository}/archive/refs/heads/main.zip"  # the zip of the class's student bundle
+import io, os, sys, types, urllib.request, zipfile
 from pathlib import Path
 try:
     import google.colab
@@ -205,16 +268,22 @@ else:
         drive.mount("/content/drive")
     COURSE = Path(os.environ.get("CD_KIT_COURSE_DIR")
                   or ("/content/drive/MyDrive/cd-course" if ON_COLAB else "/kaggle/working/cd-course"))
-    if (COURSE / ".git").is_dir():
-        if subprocess.run(["git", "-C", str(COURSE), "pull", "-q", "--ff-only"]).returncode:
-            print("Could not update the course (your work is untouched); going on with the copy you have.")
-    else:
-        subprocess.run(["git", "clone", "-q", "--depth", "1",
-                        os.environ.get("CD_KIT_COURSE_URL") or COURSE_URL, str(COURSE)], check=True)
-    spec = spec_from_file_location("platform_setup", COURSE / "helpers" / "platform_setup.py")
-    platform_setup = module_from_spec(spec)
-    spec.loader.exec_module(platform_setup)
-    platform_setup.main(COURSE, ASSIGNMENT)
+    SETUP, BUNDLE = COURSE / "helpers" / "platform_setup.py", None
+    try:
+        with urllib.request.urlopen(os.environ.get("CD_KIT_COURSE_URL") or COURSE_URL, timeout=120) as response:
+            BUNDLE = zipfile.ZipFile(io.BytesIO(response.read()))
+        names = sorted((n for n in BUNDLE.namelist() if n.endswith("helpers/platform_setup.py")), key=len)
+        if not names:
+            raise ValueError("the zip at COURSE_URL holds no helpers/platform_setup.py: it is not a student bundle")
+        code = BUNDLE.read(names[0])
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        if not SETUP.is_file():
+            raise SystemExit(f"Could not download the course ({{err}}): check COURSE_URL and the internet setting.")
+        print(f"Could not update the course ({{err}}; your work is untouched); going on with the copy you have.")
+        BUNDLE, code = None, SETUP.read_bytes()
+    platform_setup = types.ModuleType("platform_setup")
+    exec(compile(code, str(SETUP), "exec"), platform_setup.__dict__)
+    platform_setup.main(COURSE, ASSIGNMENT, bundle=BUNDLE)
 '''
 
 

@@ -36,7 +36,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -50,17 +49,15 @@ import diffusers  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kit, also where it is not pip-installed
 
 from autograder.reference import reference  # noqa: E402
 from helpers.device import pick_device  # noqa: E402
-from helpers.models import use_trailing_ddim  # noqa: E402
+from helpers.sd15_shaped import (SD15_TEXT, SD15_UNET, SD15_VAE, TINY_UNET, build_pipeline,  # noqa: E402,F401
+                                 build_scheduler, build_unet, image_size, model_configs)
 from helpers.training import (PROFILES, TrainSettings, add_phase_adapter, lora_config, make_teacher,  # noqa: E402
                               settings_for, start_phase)
 
@@ -68,42 +65,7 @@ SCHEMA = "cd-kit-bench-gpu/1"
 GIB = 1024**3
 
 # --- Model configurations -----------------------------------------------------------------------------------
-# SD1.5 as published (stable-diffusion-v1-5/stable-diffusion-v1-5: unet/, vae/, text_encoder/ and
-# scheduler/ config.json), written out so that nothing is downloaded.
-SD15_UNET: dict[str, Any] = {
-    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD15_VAE: dict[str, Any] = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-    "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4, "scaling_factor": 0.18215,
-}
-SD15_TEXT: dict[str, Any] = {  # CLIP ViT-L/14's text tower
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
-    "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
-}
-SD15_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-}
-# The tiny SD-architecture model of docs/stack.md: runs in milliseconds on a CPU.
-TINY_UNET: dict[str, Any] = {
-    **SD15_UNET, "block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32,
-    "sample_size": 16, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-}
-TINY_VAE: dict[str, Any] = {
-    **SD15_VAE, "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "sample_size": 32,
-}
-TINY_TEXT: dict[str, Any] = {**SD15_TEXT, "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37,
-                             "num_hidden_layers": 2, "num_attention_heads": 4, "projection_dim": 32}
+# SD1.5's published configs and the tiny ones live in helpers.sd15_shaped (imported above).
 TINY_LORA_RANK = 4
 
 # Targets of the issue, checked in the JSON's "targets" section (SD1.5 shape on CUDA only).
@@ -271,59 +233,6 @@ def time_calls(fn: Callable[[], Any], device: torch.device, iters: int, budget: 
 def error_text(err: BaseException) -> str:
     """A short one-line description of an exception for the JSON."""
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:400]
-
-
-# --- Building the models ------------------------------------------------------------------------------------
-def model_configs(tiny: bool) -> dict[str, dict[str, Any]]:
-    """The UNet, VAE, text-encoder and scheduler configs: SD1.5's, or the tiny ones."""
-    if tiny:
-        return {"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT, "scheduler": SD15_SCHEDULER}
-    return {"unet": SD15_UNET, "vae": SD15_VAE, "text": SD15_TEXT, "scheduler": SD15_SCHEDULER}
-
-
-def build_unet(config: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    """A frozen ``UNet2DConditionModel`` with random weights, created directly on ``device``."""
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(config)
-    return unet.to(device=device, dtype=dtype).requires_grad_(False)
-
-
-def build_scheduler(config: dict[str, Any], device: torch.device):
-    """SD1.5's DDIM scheduler with trailing spacing, ``alphas_cumprod`` on ``device`` (as the kit sets it up)."""
-    scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    return scheduler
-
-
-def byte_level_tokenizer(max_length: int):
-    """A ``CLIPTokenizer`` built offline: the 256 byte-level characters (also with ``</w>``), no merges, plus
-    CLIP's start/end tokens. Its ids fit any CLIP vocabulary; tokenizing costs the same as with CLIP's."""
-    chars = sorted(ByteLevel.alphabet())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
-        vocab, merges = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
-        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-        merges.write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(vocab), str(merges), model_max_length=max_length)
-
-
-def build_pipeline(configs: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype):
-    """A ``StableDiffusionPipeline`` of random-weight components, with the kit's trailing DDIM scheduler."""
-    with torch.device(device):
-        vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"]))
-    pipe = StableDiffusionPipeline(
-        vae=vae.to(device=device, dtype=dtype), text_encoder=text_encoder.to(device=device, dtype=dtype),
-        tokenizer=byte_level_tokenizer(configs["text"]["max_position_embeddings"]),
-        unet=build_unet(configs["unet"], device, dtype), scheduler=build_scheduler(configs["scheduler"], device),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return use_trailing_ddim(pipe)
-
-
-def image_size(configs: dict[str, dict[str, Any]]) -> int:
-    """Pixels per side of the images: latent size times the VAE's downsampling (2 per extra block)."""
-    return configs["unet"]["sample_size"] * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
 
 
 PHASE = "cd"  # the adapter's name: the course's consistency-distillation phase

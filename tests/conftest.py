@@ -15,6 +15,11 @@ import pytest
 from helpers.config import KitConfig, setting_fields
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all-mutants", action="store_true",
+                     help="tests/test_autograder_mutants.py: grade every mutant end to end, not one per kind and function")
+
+
 @pytest.fixture
 def make_config(tmp_path) -> Callable[..., KitConfig]:
     """``make_config(**fields)``: a :class:`KitConfig` with the defaults and ``fields``; its output folder is

@@ -2,7 +2,10 @@
 submission per mutant (the mutant substituted into the reference notebook of its assignment): a WRONG mutant
 loses exactly its function's points and nothing else, a CORRECT one gets full points.
 
-This runs the real notebooks (one kernel per mutant, about 100 submissions): it is marked ``slow``.
+This runs the real notebooks, one kernel per mutant, so it is marked ``slow``. Every mutant is already run
+against its battery directly (``tests/test_checks_*.py``); here, by default, the first WRONG and the first
+CORRECT mutant of each function go through the whole grader (about 20 submissions, a fifth of the time):
+``pytest --all-mutants`` grades all of them (about 110 submissions, 10 minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -35,13 +38,19 @@ def _model_available() -> bool:
     return spec.kind != "custom" or Path(spec.source).is_dir()
 
 
-def _mutants() -> list[tuple[str, str, str, str, str]]:
-    """(kind, assignment, function, label, source) of every mutant."""
-    return mutant_cases()
+def _mutants(every: bool) -> list[tuple[str, str, str, str, str]]:
+    """(kind, assignment, function, label, source) of every mutant, or of the first of each kind and function."""
+    cases, seen = [], set()
+    for case in mutant_cases():
+        kind, _, fn, _, _ = case
+        if every or (kind, fn) not in seen:
+            cases.append(case)
+            seen.add((kind, fn))
+    return cases
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
+def batch(tmp_path_factory, request):
     if not all((SOLUTIONS / p.stem[1:]).is_dir() for p in MUTANTS.glob("a[0-9][0-9]_*.py")):
         pytest.skip("the solution notebooks of every assignment with mutants are needed")
     if not _model_available():
@@ -50,7 +59,7 @@ def batch(tmp_path_factory):
     course = CourseFiles.build(SOLUTIONS, root / "work")
     sub, out = root / "submitted", root / "out"
     students = {}
-    for i, (kind, assignment, fn, label, source) in enumerate(_mutants()):
+    for i, (kind, assignment, fn, label, source) in enumerate(_mutants(request.config.getoption("--all-mutants"))):
         student = f"{kind.lower()}-{i:03d}-{re.sub(r'[^A-Za-z0-9]+', '-', fn)}"
         name, nb = course.notebook(assignment)
         course.write(sub / student / assignment, {f"{name}.ipynb": dump(substitute(nb, fn, source))})

@@ -4,8 +4,9 @@ There is no Colab or Kaggle here, so the slow tests build a stand-in for each: a
 "platform" packages (torch and its dependencies, numpy, pillow, tqdm, pyyaml) come from a folder outside the
 environment, as a hosted image's system packages do, with torch's metadata saying **2.12.0** while the kit pins
 2.13.0 (the real torch code is linked in, so the kit can import and run it; a CPU wheel of another torch is not on
-this package index, and the CUDA one is gigabytes). The course comes from a bare clone of this repository through a
-``file://`` URL, and the course folder is a temporary one (``CD_KIT_COURSE_DIR``). Kaggle is recognised by its
+this package index, and the CUDA one is gigabytes). The course is the student bundle's zip
+(``python -m autograder bundle --zip``) through a ``file://`` URL, and the course folder is a temporary one
+(``CD_KIT_COURSE_DIR``). Kaggle is recognised by its
 environment marker, Colab by an importable ``google.colab`` (a fake whose ``drive.mount`` records the call). The cell
 is taken from the released student notebook of 03 and run by the environment's own Python; then, in the same
 process, torch must be the platform's, ``import helpers`` must work without a restart, and
@@ -13,12 +14,14 @@ process, torch must be the platform's, ``import helpers`` must work without a re
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -45,7 +48,7 @@ from helpers.notebook_functions import answer_cells, load_course_functions
 # the student solved 02: put the reference answers into *their* notebook in the course folder
 course = COURSE.resolve()
 student_nb = course / "notebooks" / "02_ddim_step" / "ddim_step.ipynb"
-solved = answer_cells(course / "solutions" / "02_ddim_step" / "ddim_step.ipynb")
+solved = answer_cells(sys.argv[2])  # the kit's solution: the bundle has none
 nb = json.loads(student_nb.read_text())
 for c in nb["cells"]:
     gid = c.get("metadata", {}).get("nbgrader", {}).get("grade_id")
@@ -60,7 +63,8 @@ xt = fns.q_sample(x, torch.tensor([0, 999]), sched, noise=torch.zeros_like(x))
 print("RESULT " + json.dumps({
     "torch_version": md.version("torch"), "torch_file": torch.__file__, "helpers_file": helpers.__file__,
     "cwd": os.getcwd(), "q_sample_ok": bool(torch.allclose(xt[:, 0, 0, 0], sched.alphas_cumprod[[0, 999]].sqrt())),
-    "kit": md.version("cd-course-kit"), "diffusers": md.version("diffusers")}))
+    "kit": md.version("cd-course-student"), "diffusers": md.version("diffusers"),
+    "solutions_in_course": (course / "solutions").exists()}))
 '''
 
 
@@ -127,10 +131,11 @@ def test_the_released_notebooks_start_with_the_cell():
 
 @pytest.fixture(scope="module")
 def course_repo(tmp_path_factory) -> str:
-    """A bare clone of this repository's committed state, as the course's Git URL (``file://``)."""
-    bare = tmp_path_factory.mktemp("remote") / "course.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(KIT_ROOT), str(bare)], check=True)
-    return bare.as_uri()
+    """The student bundle's zip, as the course's URL (``file://``)."""
+    from autograder.bundle import build_bundle
+
+    folder = build_bundle(tmp_path_factory.mktemp("remote") / "cd-course", zip_it=True)
+    return Path(f"{folder}.zip").as_uri()
 
 
 def _platform_env(root: Path) -> Path:
@@ -169,7 +174,8 @@ def _run_cell(python: Path, root: Path, env_extra: dict[str, str], course_repo: 
                 "CD_KIT_COURSE_URL": course_repo, "CD_KIT_DEVICE": "cpu", "MPLBACKEND": "Agg",
                 "PATH": f"{python.parent}:{os.environ['PATH']}", **env_extra})
     start = time.perf_counter()
-    proc = subprocess.run([str(python), str(root / "driver.py"), str(cell)], cwd=root, env=env,
+    solution = KIT_ROOT / "solutions" / "02_ddim_step" / "ddim_step.ipynb"
+    proc = subprocess.run([str(python), str(root / "driver.py"), str(cell), str(solution)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=240)
     print(f"setup cell + checks: {time.perf_counter() - start:.1f} s\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -186,6 +192,7 @@ def _check(result: dict, root: Path, python: Path) -> None:
     assert Path(result["helpers_file"]).resolve() == course / "helpers" / "__init__.py"
     assert Path(result["cwd"]).resolve() == course / "notebooks" / "03_ct_derivation"
     assert result["q_sample_ok"], "load_course_functions did not find the student's 02 functions"
+    assert not result["solutions_in_course"], "the course folder holds solutions: it fetched the kit, not the bundle"
     assert "RESTART NEEDED" not in result["stdout"]
     check = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True)
     print("pip check:", check.stdout[-1500:])
@@ -212,8 +219,9 @@ def test_colab_simulation_and_a_second_run(tmp_path, course_repo):
     result = _run_cell(python, tmp_path, {}, course_repo, pythonpath=str(fake))
     assert (fake / "google" / "colab" / "mounted").read_text() == "/content/drive"
     _check(result, tmp_path, python)
-    again = _run_cell(python, tmp_path, {}, course_repo, pythonpath=str(fake))  # the next day: pull, no install
+    again = _run_cell(python, tmp_path, {}, course_repo, pythonpath=str(fake))  # the next day: update, no install
     assert "Installing" not in again["stdout"] and "Could not update" not in again["stdout"]
+    assert "Course updated" not in again["stdout"], "an unchanged bundle rewrote files"
     _check(again, tmp_path, python)
 
 
@@ -244,3 +252,42 @@ def test_collect_writes_nbgraders_submitted_layout(tmp_path):
     (tmp_path / "02_ddim_step" / "ddim_step.ipynb").write_text("{broken")
     with pytest.raises(ValueError, match="not a valid notebook"):
         collect("jdoe", tmp_path, tmp_path / "bad.zip")
+
+
+# --- the bundle's unpacking (fast) ------------------------------------------------------------------------------
+
+def _zip(path: Path, files: dict[str, bytes], top: str = "cd-course/") -> zipfile.ZipFile:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(top + name, data)
+    return zipfile.ZipFile(path)
+
+
+def _bundle_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    manifest = {"bundle": "test", "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
+    return {**files, platform_setup.BUNDLE_MANIFEST: json.dumps(manifest).encode()}
+
+
+def test_unpack_updates_the_course_and_keeps_the_students_notebooks(tmp_path):
+    nb = "notebooks/02_ddim_step/ddim_step.ipynb"
+    first = _bundle_files({"helpers/a.py": b"one", nb: b"released"})
+    course = tmp_path / "course"
+    done = platform_setup.unpack(_zip(tmp_path / "1.zip", first), course)
+    assert sorted(done["written"]) == sorted(first) and not done["kept"]
+    (course / nb).write_bytes(b"my answers")
+    second = _bundle_files({"helpers/a.py": b"two", nb: b"released again", "notebooks/05/new.ipynb": b"new"})
+    done = platform_setup.unpack(_zip(tmp_path / "2.zip", second, top="REPO-main/"), course)
+    assert (course / "helpers" / "a.py").read_bytes() == b"two" and (course / nb).read_bytes() == b"my answers"
+    assert (course / "notebooks" / "05" / "new.ipynb").read_bytes() == b"new" and done["kept"] == [nb]
+    assert platform_setup.unpack(_zip(tmp_path / "3.zip", second), course)["written"] == []  # nothing changed
+
+
+def test_unpack_refuses_what_is_not_a_student_bundle(tmp_path):
+    kit = _zip(tmp_path / "kit.zip", {"helpers/platform_setup.py": b"", "solutions/01/x.ipynb": b"{}"})
+    with pytest.raises(ValueError, match="not a student bundle"):
+        platform_setup.unpack(kit, tmp_path / "course")
+    assert not (tmp_path / "course").exists()
+    evil = _bundle_files({"../outside.py": b"x"})
+    with pytest.raises(ValueError, match="unsafe paths"):
+        platform_setup.unpack(_zip(tmp_path / "evil.zip", evil), tmp_path / "course")
+    assert not (tmp_path / "outside.py").exists()
