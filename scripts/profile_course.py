@@ -39,13 +39,11 @@ from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the kit's train_loop shows a bar; tqdm reads this at import
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from autograder.reference import reference  # noqa: E402
 from helpers import data, evaluation, training  # noqa: E402
@@ -54,37 +52,20 @@ from helpers.models import load_course_pipeline, resolve_model  # noqa: E402
 from helpers.prompts import empty_prompt_embeds  # noqa: E402
 
 GIB = 2**30
-CAPTIONS = ("a photo of a red bus on a city street", "a bowl of fruit on a wooden table",
-            "a cat sleeping on a sofa", "two people walking a dog on the beach", "a plate of pasta with basil",
-            "a mountain lake at sunset", "a man riding a bicycle past a cafe", "a vase of yellow flowers")
 
 
 # --- The inputs ---------------------------------------------------------------------------------------------
-def build_inputs(work: Path, tiny: bool, images: int, device: torch.device) -> tuple[Path, Path]:
+def build_inputs(work: Path, tiny: bool, images: int) -> tuple[Path, Path]:
     """An SD1.5-shaped (or tiny) random-weight pipeline folder and a caption folder of ``images`` generated
-    pictures (smooth colour fields, so JPEG stays small), under ``work``; reused when present."""
-    from bench_gpu import build_pipeline, image_size, model_configs
+    pictures under ``work`` (:mod:`helpers.sd15_shaped`, as ``python -m helpers.commands.sd15_shaped`` writes
+    them); reused when present."""
+    from helpers.sd15_shaped import image_size, model_configs, write_caption_folder, write_pipeline
 
     model_dir, data_dir = work / ("tiny-sd" if tiny else "sd15-shaped"), work / f"captions-{images}"
     if not (model_dir / "model_index.json").exists():
-        configs = model_configs(tiny)
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        torch.manual_seed(0)
-        build_pipeline(configs, device, dtype).save_pretrained(model_dir)
+        write_pipeline(model_dir, "small" if tiny else "full", seed=0, dtype=torch.float16)
     if not (data_dir / "metadata.csv").exists():
-        from PIL import Image
-
-        size = image_size(model_configs(tiny))
-        data_dir.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        grid = np.linspace(0, 1, size, dtype=np.float32)
-        rows = ["file_name,text"]
-        for i in range(images):
-            a, b = rng.uniform(-3, 3, 2)
-            field_ = np.sin(a * grid[None, :, None] * 3 + b * grid[:, None, None] * 3 + rng.uniform(0, 6, 3))
-            Image.fromarray(((field_ * 0.5 + 0.5) * 255).astype(np.uint8)).save(data_dir / f"{i:05d}.jpg", quality=85)
-            rows.append(f"{i:05d}.jpg,{CAPTIONS[i % len(CAPTIONS)]}")
-        (data_dir / "metadata.csv").write_text("\n".join(rows) + "\n")
+        write_caption_folder(data_dir, images, image_size(model_configs(tiny)), seed=0)
     return model_dir, data_dir
 
 
@@ -168,6 +149,7 @@ class PhaseCase:
     cudnn_benchmark: bool = False
     regional_compile: bool = False
     data_on_gpu: bool = False
+    foreach_optimizer: bool = False  # AdamW's default (foreach) kernels instead of the kit's fused one on CUDA
     memory_cap_gib: float | None = None
     sample_batches: tuple = ()  # evaluation-path sampling after training: batch sizes
     sample_images: int = 64
@@ -245,6 +227,9 @@ def run_phase(case: PhaseCase, model_dir: Path, data_dir: Path, work: Path, devi
         times.append(time.perf_counter() - t)
     out["loader_batch"] = spread(times)
     optimizer = training.start_phase(pipe.unet, case.phase, settings)
+    if case.foreach_optimizer:
+        optimizer = torch.optim.AdamW(training.trainable_parameters(pipe.unet), lr=settings.learning_rate,
+                                      weight_decay=1e-2)
     out["optimizer"] = {"type": type(optimizer).__name__, "fused": bool(optimizer.defaults.get("fused"))}
     if case.regional_compile:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -344,6 +329,43 @@ def sample_eval_path(pipe, consistency_sampling, case: PhaseCase, device: torch.
     return results
 
 
+def vae_decode(model_dir: Path, device: torch.device, tiny: bool) -> dict[str, Any]:
+    """The VAE decode of the evaluation alone: seconds per call and peak memory at batch 8 and 16, in its own
+    fp16 and under fp16 autocast (what the evaluation did before ``vae_decode_outside_autocast``), with and
+    without cuDNN autotuning."""
+    from diffusers import AutoencoderKL
+
+    release(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=dtype).to(device)
+    size = 8 if tiny else 64
+    out: dict[str, Any] = {}
+    for batch in (8, 16):
+        z = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
+        for cudnn in (False, True):
+            torch.backends.cudnn.benchmark = cudnn
+            for autocast in (False, True):
+                def decode():
+                    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16,
+                                                                enabled=autocast and device.type == "cuda"):
+                        vae.decode(z)
+                decode()
+                decode()
+                release(device)
+                times = []
+                for _ in range(10):
+                    sync(device)
+                    t = time.perf_counter()
+                    decode()
+                    sync(device)
+                    times.append(time.perf_counter() - t)
+                key = f"batch{batch}-{'autocast' if autocast else 'fp16'}-{'cudnn_benchmark' if cudnn else 'default'}"
+                out[key] = {**spread(times), "images_per_s": round(batch / statistics.median(times), 1),
+                            **memory(device)}
+    torch.backends.cudnn.benchmark = False
+    return out
+
+
 # --- The notebooks ------------------------------------------------------------------------------------------
 KERNEL_HOOK = '''\
 import json, os, time
@@ -421,13 +443,17 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
                 ("phase", PhaseCase("fast-ct", "fast", phase="ct", steps=3, warmup=1, profiled_steps=0,
                                     fixed_batch_steps=0, data_on_gpu=True), 5),
                 ("phase", PhaseCase("fast-multi", "fast", phase="multi_cd", steps=2, warmup=1, profiled_steps=0,
-                                    fixed_batch_steps=0), 5),
+                                    fixed_batch_steps=0, foreach_optimizer=True), 5),
+                ("vae", None, 5),
                 ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": None}, 60)]
     if name == "diagnose":
         return [
             ("phase", PhaseCase("course", "course", steps=12, sample_batches=(8,)), 45),
             ("phase", PhaseCase("fast", "fast", steps=20, sample_batches=(8, 16, 32), vae_without_autocast=True), 40),
             ("phase", PhaseCase("low-memory", "low-memory", steps=12, memory_cap_gib=14.5), 40),
+            ("vae", None, 25),
+            ("phase", PhaseCase("fast-foreach", "fast", steps=12, profiled_steps=0, fixed_batch_steps=0,
+                                foreach_optimizer=True), 15),
             ("phase", PhaseCase("fast-8x2", "fast", steps=12, profiled_steps=0, fixed_batch_steps=0,
                                 overrides={"batch_size": 8, "gradient_accumulation_steps": 2}), 20),
             ("phase", PhaseCase("fast-cudnn-gpudata", "fast", steps=12, profiled_steps=0, fixed_batch_steps=0,
@@ -468,11 +494,11 @@ def main(argv: list[str] | None = None) -> int:
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": []}
     t0 = time.perf_counter()
-    model_dir, data_dir = build_inputs(args.work, args.tiny, args.images, device)
+    model_dir, data_dir = build_inputs(args.work, args.tiny, args.images)
     result["build_s"] = round(time.perf_counter() - t0, 1)
     print(f"[{time.perf_counter() - start:5.0f} s] inputs ready: {model_dir}, {data_dir}", flush=True)
     for kind, what, estimate in plan(args.plan):
-        name = what.name if kind == "phase" else f"notebooks-{what['profile']}"
+        name = what.name if kind == "phase" else "vae-decode" if kind == "vae" else f"notebooks-{what['profile']}"
         if args.only and name not in args.only:
             continue
         left = args.budget_s - (time.perf_counter() - start)
@@ -484,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if kind == "phase":
                 rec = run_phase(what, model_dir, data_dir, args.work, device)
+            elif kind == "vae":
+                rec = {"decode": vae_decode(model_dir, device, args.tiny)}
             else:
                 rec = run_notebooks(what["profile"], model_dir, data_dir, args.work, what["reduced"], what["cap_gib"],
                                     timeout_s=max(30.0, left - 10))
@@ -509,6 +537,8 @@ def summary_line(rec: dict[str, Any]) -> str:
     """One line per part for the log."""
     if rec["status"] != "ok":
         return rec["status"]
+    if "decode" in rec:
+        return " ".join(f"{k}={v['images_per_s']}img/s,{v['peak_allocated_gib']}GiB" for k, v in rec["decode"].items())
     if "step" in rec:
         prof = rec.get("profiler") or {}
         fixed = rec.get("fixed_batch_micro_step", {}).get("median_s")
