@@ -96,6 +96,7 @@ def default_batch_size(pipe) -> int:
 
 
 BIG_GPU_GIB = 40.0  # as helpers.training.FAST_FROM_GIB
+SMALL_GPU_GIB = 20.0  # as helpers.training.LOW_MEMORY_BELOW_GIB
 
 
 @contextmanager
@@ -124,12 +125,20 @@ def vae_decode_outside_autocast(pipe) -> Iterator[None]:
 @contextmanager
 def _inference_context(pipe) -> Iterator[None]:
     """fp16 autocast on CUDA for the UNet (the student is fp32 after training in the course profile, the rest of
-    the pipeline fp16), the VAE's decode outside it (:func:`vae_decode_outside_autocast`); nothing on the CPU."""
-    if pipe.unet.device.type != "cuda":
+    the pipeline fp16), the VAE's decode outside it (:func:`vae_decode_outside_autocast`), sliced (one image at a
+    time) on GPUs under 20 GiB; nothing on the CPU."""
+    device = pipe.unet.device
+    if device.type != "cuda":
         yield
         return
-    with vae_decode_outside_autocast(pipe), torch.autocast("cuda", dtype=torch.float16):
-        yield
+    small = torch.cuda.get_device_properties(device).total_memory < SMALL_GPU_GIB * 2**30
+    slicing = getattr(pipe.vae, "use_slicing", False)
+    pipe.vae.use_slicing = slicing or small  # a small GPU (T4) decodes one image at a time: 1/8 of the memory
+    try:
+        with vae_decode_outside_autocast(pipe), torch.autocast("cuda", dtype=torch.float16):
+            yield
+    finally:
+        pipe.vae.use_slicing = slicing
 
 
 @contextmanager

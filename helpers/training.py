@@ -296,6 +296,17 @@ def _adapter_in_fp32(unet: torch.nn.Module, name: str) -> None:
             param.data = param.data.float()
 
 
+def _expandable_cuda_segments() -> None:
+    """Let the CUDA allocator grow its segments instead of keeping fixed blocks (PyTorch's
+    ``expandable_segments``): on a small GPU the fragments between the phases' and evaluations' differently
+    sized tensors otherwise push the reserved memory towards the card's limit. Takes effect for new allocations."""
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except (AttributeError, RuntimeError) as err:  # an allocator without the option: only the peak suffers
+            warnings.warn(f"could not switch on expandable CUDA segments ({err})", RuntimeWarning, stacklevel=3)
+
+
 def _release_cached_memory() -> None:
     """Give the CUDA allocator's cached blocks of the last phase or evaluation back before a new phase, so that
     fragments of one do not add to the peak of the next (what decides an out-of-memory error on a small GPU)."""
@@ -311,6 +322,8 @@ def start_phase(unet: torch.nn.Module, name: str, settings: TrainSettings, repla
     """Prepare ``unet`` (:func:`prepare_unet_for_phase`), add the phase's new adapter ``name`` and return a
     new optimizer over its weights."""
     _release_cached_memory()
+    if settings.profile == "low-memory":
+        _expandable_cuda_segments()
     prepare_unet_for_phase(unet, settings)
     add_phase_adapter(unet, name, settings, replace=replace)
     _adapter_in_fp32(unet, name)
