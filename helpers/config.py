@@ -49,8 +49,8 @@ class KitConfig:
                                   "Force a torch device (`cpu`, `cuda`, `cuda:1`); unset: CUDA when available, "
                                   "else the CPU.")
     train_profile: str | None = _setting("CD_KIT_TRAIN_PROFILE", None,
-                                         "Training profile on a GPU: `course` or `low-memory`; unset: "
-                                         "`low-memory` on GPUs under 20 GiB, else `course`.")
+                                         "Training profile on a GPU: `course`, `fast` or `low-memory`; unset: "
+                                         "`low-memory` on GPUs under 20 GiB, `fast` from 40 GiB, else `course`.")
     data: str | None = _setting("CD_KIT_DATA", None,
                                 "Image-caption folder for training on SD1.5 or a custom model (`docs/data.md`); "
                                 "unset for the small model, which generates its own digits.")

@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from helpers.config import KitConfig
 
 __all__ = ["EvalSet", "EvalResult", "Sampler", "make_eval_set", "default_batch_size", "pipeline_sampler", "function_sampler",
-           "pipeline_bar_off",
+           "pipeline_bar_off", "vae_decode_outside_autocast",
            "generate", "evaluate", "teacher_reference", "results_table", "show_results"]
 
 Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
@@ -84,16 +84,61 @@ def make_eval_set(pipe, per_digit: int = 10, seed: int = 1234) -> EvalSet:
 
 
 def default_batch_size(pipe) -> int:
-    """Images per sampler call: the whole evaluation set for small latents (the kit's model on a CPU),
-    8 at a time for SD1.5-sized ones."""
-    return 100 if pipe.unet.config.sample_size <= 32 else 8
+    """Images per sampler call: the whole evaluation set for small latents (the kit's model on a CPU); for
+    SD1.5-sized ones 16 on a GPU of 40 GiB or more (the ``fast`` profile's cards: fewer, larger calls, less Python
+    overhead per image) and 8 otherwise."""
+    if pipe.unet.config.sample_size <= 32:
+        return 100
+    device = pipe.unet.device
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= BIG_GPU_GIB * 2**30:
+        return 16
+    return 8
 
 
-def _inference_context(device: torch.device):
-    """fp16 autocast on CUDA (the student UNet is fp32 after training, the rest of the pipeline fp16)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
+BIG_GPU_GIB = 40.0  # as helpers.training.FAST_FROM_GIB
+SMALL_GPU_GIB = 20.0  # as helpers.training.LOW_MEMORY_BELOW_GIB
+
+
+@contextmanager
+def vae_decode_outside_autocast(pipe) -> Iterator[None]:
+    """Inside the context ``pipe.vae.decode`` runs with autocast off, on latents cast to the VAE's dtype: the
+    fp16 VAE in its own precision, as diffusers' pipelines run it (under fp16 autocast its GroupNorms would run
+    in fp32, on the largest tensors of the evaluation: slower, and twice the memory). Restored afterwards."""
+    vae = pipe.vae
+    had_own = "decode" in vae.__dict__
+    decode = vae.decode
+
+    def plain_decode(z: torch.Tensor, *args, **kwargs):
+        with torch.autocast(vae.device.type, enabled=False):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = plain_decode
+    try:
+        yield
+    finally:
+        if had_own:
+            vae.decode = decode
+        else:
+            del vae.decode
+
+
+@contextmanager
+def _inference_context(pipe) -> Iterator[None]:
+    """fp16 autocast on CUDA for the UNet (the student is fp32 after training in the course profile, the rest of
+    the pipeline fp16), the VAE's decode outside it (:func:`vae_decode_outside_autocast`), sliced (one image at a
+    time) on GPUs under 20 GiB; nothing on the CPU."""
+    device = pipe.unet.device
+    if device.type != "cuda":
+        yield
+        return
+    small = torch.cuda.get_device_properties(device).total_memory < SMALL_GPU_GIB * 2**30
+    slicing = getattr(pipe.vae, "use_slicing", False)
+    pipe.vae.use_slicing = slicing or small  # a small GPU (T4) decodes one image at a time: 1/8 of the memory
+    try:
+        with vae_decode_outside_autocast(pipe), torch.autocast("cuda", dtype=torch.float16):
+            yield
+    finally:
+        pipe.vae.use_slicing = slicing
 
 
 @contextmanager
@@ -115,7 +160,7 @@ def pipeline_sampler(pipe, num_inference_steps: int, guidance_scale: float) -> S
     """The diffusers pipeline's own DDIM sampling (trailing timesteps) from the given latents."""
     def sample(prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
         device = pipe.unet.device
-        with torch.inference_mode(), _inference_context(device), pipeline_bar_off(pipe):
+        with torch.inference_mode(), _inference_context(pipe), pipeline_bar_off(pipe):
             out = pipe(prompt=list(prompts), latents=latents.to(device), num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, output_type="pt")
         return out.images.float().cpu()
@@ -128,7 +173,7 @@ def function_sampler(fn: Callable, pipe, seed: int = 0, **kwargs) -> Sampler:
     def sample(prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
         device = pipe.unet.device
         gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.inference_mode(), _inference_context(device), pipeline_bar_off(pipe):
+        with torch.inference_mode(), _inference_context(pipe), pipeline_bar_off(pipe):
             images = fn(pipe, list(prompts), num_images_per_prompt=1, latents=latents.to(device), generator=gen,
                         output_type="pt", **kwargs)
         if not isinstance(images, torch.Tensor) or images.shape[0] != len(prompts):

@@ -866,8 +866,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16], help="training batch sizes")
     parser.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), metavar="NAME",
                         help="variants to run (default: all; see --list-variants)")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (compile happens here)")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per measurement (median, >= 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compile happens here)")
     parser.add_argument("--time-budget-s", type=float, default=420.0,
                         help="skip measurements that would not fit in this many seconds (default 420)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs; default: torch's)")

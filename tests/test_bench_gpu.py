@@ -99,7 +99,8 @@ def test_json_records_environment_and_settings(tiny_run):
     assert s["tiny"] is True and s["batch_sizes"] == BATCHES and s["iters"] == 1
     assert s["lora_rank"] == bench.TINY_LORA_RANK
     assert s["current_kit_default"] in bench.ALL_VARIANTS
-    assert s["kit_defaults"] == {"course": "kit-original-ckpt", "low-memory": "kit-fp16-shared-ckpt"}
+    assert s["kit_defaults"] == {"course": "kit-original-ckpt", "fast": "kit-fp16-shared",
+                                 "low-memory": "kit-fp16-shared-ckpt"}
     assert isinstance(data["elapsed_s"], float)
 
 

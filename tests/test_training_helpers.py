@@ -68,8 +68,12 @@ def test_profiles(make_config):
     assert (low.student_base, low.teacher, low.gradient_checkpointing) == ("half", "shared", True)
     assert (low.batch_size, low.learning_rate, low.lora_rank) == (course.batch_size, course.learning_rate, 64)
     assert training.run_settings("small", make_config(train_profile="low-memory")).teacher == "shared"
+    fast = training.settings_for("sd15", "fast")
+    assert (fast.student_base, fast.teacher, fast.gradient_checkpointing) == ("half", "shared", False)
+    assert (fast.batch_size, fast.gradient_accumulation_steps) == (16, 1), "the recipe's 16 examples as one batch"
+    assert (fast.learning_rate, fast.lora_rank, fast.num_images) == (course.learning_rate, 64, course.num_images)
     with pytest.raises(ValueError, match="CD_KIT_TRAIN_PROFILE"):
-        training.run_settings("small", make_config(train_profile="fast"))
+        training.run_settings("small", make_config(train_profile="turbo"))
     if not torch.cuda.is_available():
         assert training.pick_profile() == "course"
 
@@ -579,3 +583,28 @@ def test_sampling_shows_one_bar_in_images(kit_config, make_config, capsys):
     out = capsys.readouterr()
     assert "student" in out.out and "10/10" in out.out and "img" in out.out and "3/3" not in out.out + out.err
     assert out.err == "", "under nbgrader the bar writes to stdout"
+
+
+def test_optimizer_is_fused_only_on_cuda():
+    cpu = training.make_optimizer([torch.nn.Parameter(torch.zeros(3))], SMALL)
+    assert not cpu.defaults["fused"], "the fused AdamW kernel is for CUDA tensors"
+    if torch.cuda.is_available():
+        gpu = training.make_optimizer([torch.nn.Parameter(torch.zeros(3, device="cuda"))], SMALL)
+        assert gpu.defaults["fused"]
+
+
+def test_vae_decode_outside_autocast_runs_the_vae_in_its_own_dtype():
+    pipe = tiny_pipeline()
+    z = torch.randn(1, 4, 8, 8)
+    original = pipe.vae.decode
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under = pipe.vae.decode(z).sample
+        with evaluation.vae_decode_outside_autocast(pipe):
+            plain = pipe.vae.decode(z.double()).sample  # any float input is cast to the VAE's dtype
+    assert under.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert torch.allclose(plain, pipe.vae.decode(z).sample, atol=1e-6), "outside autocast: the plain fp32 decode"
+    assert "decode" not in pipe.vae.__dict__ and pipe.vae.decode == original, "the VAE's decode is restored"
+
+
+def test_default_evaluation_batch():
+    assert evaluation.default_batch_size(tiny_pipeline()) == 100  # small latents: the whole set at once
