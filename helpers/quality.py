@@ -186,7 +186,10 @@ def _cached_or_local(model: str) -> bool:
         return True
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a Hub id (HFValidationError) and not a folder
+        return False
 
 
 @lru_cache(maxsize=2)
