@@ -142,7 +142,7 @@ def test_missing_judges_are_skipped_with_the_reason(sd_setup, tmp_path):
                      out=str(tmp_path / "out"))
     pipe = load_course_pipeline(config)
     eval_set = evaluation.make_eval_set(pipe, resolve_model(config.model), config)
-    result = evaluation.evaluate("x", evaluation.pipeline_sampler(pipe, 1, 1.0), eval_set, None, config)
+    result = evaluation.evaluate("teacher_ddim50", evaluation.pipeline_sampler(pipe, 1, 1.0), eval_set, None, config)
     assert result.metrics["clip_score"].value is None and "Hugging Face cache" in result.metrics["clip_score"].skipped
     assert result.metrics["fd_real"].value is None and "not a file" in result.metrics["fd_real"].skipped
     data = json.loads((tmp_path / "out" / "metrics.json").read_text())
