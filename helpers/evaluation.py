@@ -1,20 +1,37 @@
-"""Measure any sampler the same way: fixed prompts, fixed initial noise, two numbers.
+"""Measure any sampler the same way: fixed prompts, fixed initial noise, the metrics the model can be judged with.
 
-* **Prompts**: ``per_digit`` prompts for each digit 0-9 (the small model's templates, cycled), so that the
-  digit classifier of :mod:`helpers.metrics` can tell whether an image shows the prompted digit.
-* **Initial latents**: drawn once from a seeded generator; every sampler starts from exactly these.
-* **prompt_accuracy**: the fraction of images classified as their prompt's digit.
-* **fidelity_psnr_db**: PSNR against the teacher's 50-step DDIM images from the same latents
-  (``teacher_ddim50``; against itself it gives the PSNR cap).
+The evaluation set comes from the model (:func:`make_eval_set`), one code path for every kind:
 
-A *sampler* here is any function ``sampler(prompts, latents) -> images`` returning a float tensor
-``(N, 3, H, W)`` in [0, 1]; :func:`pipeline_sampler` wraps the diffusers pipeline (the teacher, or a
-student sampled the plain DDIM way) and :func:`function_sampler` wraps a student sampler of the course
-(``consistency_sampling``, ``multi_boundary_sampling``). :func:`evaluate` records the numbers with
+* **digits** (the small model, and a custom model trained on the digits): ``N/10`` prompts per digit (the small
+  model's templates, cycled); the real images are the kit's 1,797 training digits.
+* **captions** (SD1.5 and a custom model with a data folder, ``config.data``): ``N`` prompts drawn with a fixed
+  seed from the folder's captions plus the course's own prompts (:data:`COURSE_PROMPTS`); the real images are
+  those of the drawn captions.
+
+``N`` is ``config.eval_images`` (default 100; ``paper`` = 5000), smaller in the reduced run and under nbgrader.
+The initial latents are drawn once from a seeded generator; every sampler starts from exactly these.
+
+Metrics (:func:`measure`; every number is a :class:`Metric` that says how many images it used, which network
+judged them and against what):
+
+* ``psnr_teacher``: PSNR against the teacher's 50-step DDIM images from the same latents (``teacher_ddim50``;
+  against itself it gives the cap). Meaningful for deterministic samplers.
+* digits: ``prompt_accuracy`` (the digit classifier reads the prompted digit), ``fd_real`` / ``fd_teacher``
+  (Fréchet distance in the digit classifier's feature space, :mod:`helpers.fid`) and ``kid_real`` /
+  ``kid_teacher`` (kernel distance, with its spread over subsets);
+* captions: ``clip_score`` (torchmetrics' CLIPScore, ``config.clip_model``), ``fd_real`` / ``fd_teacher`` = FID
+  and FID-SD, ``kid_real`` / ``kid_teacher``, on the Inception features of :func:`helpers.quality.inception_net`.
+  A judge that is not available (no CLIP in the cache, no Inception network) gives a metric with
+  ``value=None`` and ``skipped`` saying why.
+
+A *sampler* is any function ``sampler(prompts, latents) -> images`` returning a float tensor ``(N, 3, H, W)`` in
+[0, 1]; :func:`pipeline_sampler` wraps the diffusers pipeline (the teacher, or a student sampled the plain DDIM
+way) and :func:`function_sampler` wraps a student sampler of the course (``consistency_sampling``,
+``multi_boundary_sampling``). :func:`evaluate` records a :class:`SamplerRecord` with
 :func:`helpers.report.record_sampler` and the time with :func:`helpers.report.record_timing` (as
-``sample_<name>``). Sampling shows one progress bar in images (``img/s``); the pipeline's own bar is off
-during a sampler's call. The teacher's 50-step images are cached on disk (not under nbgrader) so that
-notebook 05 reuses those of notebook 04.
+``sample_<name>``). Sampling shows one progress bar in images (``img/s``); the pipeline's own bar is off during a
+sampler's call. The teacher's 50-step images are cached on disk (not under nbgrader), keyed by model, prompts,
+latents and guidance, so that notebook 05 reuses those of notebook 04.
 """
 from __future__ import annotations
 
@@ -23,29 +40,60 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from helpers.config import KitConfig
 
-__all__ = ["EvalSet", "EvalResult", "Sampler", "make_eval_set", "default_batch_size", "pipeline_sampler", "function_sampler",
-           "pipeline_bar_off", "vae_decode_outside_autocast",
-           "generate", "evaluate", "teacher_reference", "results_table", "show_results"]
+__all__ = ["EvalSet", "RealImages", "Metric", "SamplerRecord", "EvalResult", "Sampler", "COURSE_PROMPTS",
+           "DEFAULT_EVAL_IMAGES", "eval_kind", "eval_size", "make_eval_set", "default_batch_size", "pipeline_sampler",
+           "function_sampler", "pipeline_bar_off", "vae_decode_outside_autocast", "generate", "measure", "evaluate",
+           "teacher_reference",
+           "results_table", "show_results"]
 
 Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
 REFERENCE_NAME = "teacher_ddim50"
+DEFAULT_EVAL_IMAGES = 100
+#: The course's own prompts, in every captions evaluation set (the first is task 1's).
+COURSE_PROMPTS: tuple[str, ...] = (
+    "A sad puppy with large eyes", "An astronaut riding a horse on the moon",
+    "A bowl of ramen on a wooden table, warm light", "A watercolour painting of a lighthouse at dawn",
+    "A red sports car on a mountain road")
+
+
+@dataclass(frozen=True)
+class RealImages:
+    """Real images to compare with: ``load(start, stop)`` returns images ``start:stop`` as ``(B, 3, H, W)`` in
+    [0, 1]; their features are computed once per feature network and kept."""
+
+    description: str
+    count: int
+    load: Callable[[int, int], torch.Tensor]
+    _features: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def features(self, net, batch_size: int = 64) -> torch.Tensor:
+        if net.name not in self._features:
+            self._features[net.name] = torch.cat([net.features(self.load(i, min(i + batch_size, self.count)))
+                                                  for i in range(0, self.count, batch_size)])
+        return self._features[net.name]
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """The fixed evaluation inputs: prompts, the digit each asks for, and initial latents (CPU, fp32)."""
+    """The fixed evaluation inputs: prompts, initial latents (CPU, fp32), the kind (``digits`` / ``captions``),
+    the digit each prompt asks for (digits only) and the real images to compare with (or None)."""
 
     prompts: list[str]
-    digits: torch.Tensor
+    digits: torch.Tensor | None
     latents: torch.Tensor
     seed: int
+    kind: str = "digits"
+    real: RealImages | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -56,31 +104,135 @@ class EvalSet:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One number: ``key`` (e.g. ``fd_teacher``), its ``value`` (None when ``skipped`` says why), the ``images`` it
+    used, the ``network`` that judged them (None for PSNR), what it compares ``against`` and with how many
+    ``reference_images``, and its ``std`` where one is computed (KID: over random subsets)."""
+
+    key: str
+    value: float | None
+    images: int
+    network: str | None = None
+    against: str | None = None
+    reference_images: int | None = None
+    std: float | None = None
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplerRecord:
+    """What ``metrics.json`` holds for a sampler (``samplers[name]``): enough to draw any plot of the run."""
+
+    name: str
+    steps: int | None
+    seconds: float
+    images: int
+    metrics: dict[str, Metric]
+
+    def value(self, key: str) -> float | None:
+        metric = self.metrics.get(key)
+        return None if metric is None else metric.value
+
+    def to_json(self) -> dict[str, Any]:
+        """The sampler's entry; ``prompt_accuracy`` and ``fidelity_psnr_db`` also flat, as the checks read them."""
+        flat = {"fidelity_psnr_db": self.value("psnr_teacher")}
+        if "prompt_accuracy" in self.metrics:
+            flat["prompt_accuracy"] = self.value("prompt_accuracy")
+        return {**flat, "steps": self.steps, "seconds": round(self.seconds, 3), "images": self.images,
+                "metrics": {k: {f: v for f, v in asdict(m).items() if v is not None} for k, m in self.metrics.items()}}
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> SamplerRecord:
+        metrics = {k: Metric(**{"key": k, **m}) for k, m in (data.get("metrics") or {}).items()}
+        return cls(name, data.get("steps"), float(data.get("seconds") or 0.0), int(data.get("images") or 0), metrics)
+
+
 @dataclass
 class EvalResult:
     """One sampler's images and numbers."""
 
     name: str
     images: torch.Tensor
-    prompt_accuracy: float
+    prompt_accuracy: float | None
     fidelity_psnr_db: float | None
     seconds: float
     extra: dict = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+    def record(self) -> SamplerRecord:
+        return SamplerRecord(self.name, self.extra.get("steps"), self.seconds, len(self.images), self.metrics)
 
 
-def make_eval_set(pipe, per_digit: int = 10, seed: int = 1234) -> EvalSet:
-    """``per_digit`` prompts per digit (digit-major; templates cycled) and seeded initial latents shaped for
-    ``pipe``'s UNet."""
+def eval_kind(model, data: str | None) -> str:
+    """``digits`` or ``captions``: what the model ``model`` (a :class:`helpers.models.ModelSpec`) is evaluated on,
+    which is what it is trained on (:func:`helpers.data.data_source`; ``data`` is ``config.data``)."""
+    from helpers.data import data_source
+
+    return "digits" if data_source(model.kind, data) == "digits" else "captions"
+
+
+def eval_size(kind: str, config: KitConfig) -> int:
+    """Images per sampler: ``config.eval_images`` (default :data:`DEFAULT_EVAL_IMAGES`), at most 50 (digits) / 20
+    (captions) in the reduced run and 10 / 4 under nbgrader."""
+    n = config.eval_images or DEFAULT_EVAL_IMAGES
+    small, tiny = (50, 10) if kind == "digits" else (20, 4)
+    return config.pick(n, reduced_value=min(n, small), grading_value=min(n, tiny))
+
+
+def _latents(pipe, n: int, seed: int) -> torch.Tensor:
+    cfg = pipe.unet.config
+    return torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def _real_digits() -> RealImages:
     from helpers import small_model as sm
 
-    if per_digit < 1:
-        raise ValueError(f"per_digit must be at least 1, got {per_digit}")
-    digits = [d for d in range(10) for _ in range(per_digit)]
-    prompts = [sm.digit_prompt(d, i) for d in range(10) for i in range(per_digit)]
-    cfg = pipe.unet.config
-    latents = torch.randn((len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                          generator=torch.Generator().manual_seed(seed))
-    return EvalSet(prompts, torch.tensor(digits), latents, seed)
+    images = (sm.load_digits_dataset(sm.IMAGE_SIZE)[0] + 1) / 2
+    return RealImages(f"the {len(images)} training digits (scikit-learn)", len(images), lambda a, b: images[a:b])
+
+
+def _caption_set(pipe, config: KitConfig, n: int, seed: int) -> tuple[list[str], RealImages | None]:
+    """``n`` prompts: up to ``n - len(COURSE_PROMPTS)`` captions of ``config.data`` drawn with ``seed``, then the
+    course's prompts (cycled when there is no data folder); the real images of the drawn captions."""
+    from helpers.captions_data import load_image_caption_folder
+
+    course = list(COURSE_PROMPTS[:n])
+    if not config.data:
+        return [COURSE_PROMPTS[i % len(COURSE_PROMPTS)] for i in range(n)], None
+    folder = load_image_caption_folder(config.data, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    rows = np.random.default_rng(seed).permutation(len(folder))[:max(n - len(course), 0)].tolist()
+    prompts = [folder.captions[i] for i in rows] + course
+    if len(prompts) < n:  # a small folder: its captions again, with other noise
+        prompts += [prompts[i % len(prompts)] for i in range(n - len(prompts))]
+
+    def load(a: int, b: int) -> torch.Tensor:
+        return torch.stack([(folder[rows[i]]["pixel_values"] + 1) / 2 for i in range(a, b)])
+
+    real = RealImages(f"{len(rows)} images of {Path(config.data).name} (their captions are prompts)", len(rows),
+                      load) if len(rows) >= 2 else None
+    return prompts[:n], real
+
+
+def make_eval_set(pipe, model=None, config: KitConfig | None = None, *, per_digit: int | None = None,
+                  seed: int = 1234) -> EvalSet:
+    """The evaluation set of ``model`` (a :class:`helpers.models.ModelSpec`; None: the digits) with
+    :func:`eval_size` images for ``config`` (or ``per_digit`` prompts per digit, default 10), and seeded initial
+    latents shaped for ``pipe``'s UNet. See the module docstring for what each kind holds."""
+    from helpers import small_model as sm
+
+    config = config if config is not None else KitConfig()
+    kind = "digits" if model is None else eval_kind(model, config.data)
+    if kind == "digits":
+        per_digit = per_digit if per_digit is not None else max(1, eval_size(kind, config) // 10)
+        if per_digit < 1:
+            raise ValueError(f"per_digit must be at least 1, got {per_digit}")
+        digits = [d for d in range(10) for _ in range(per_digit)]
+        prompts = [sm.digit_prompt(d, i) for d in range(10) for i in range(per_digit)]
+        return EvalSet(prompts, torch.tensor(digits), _latents(pipe, len(prompts), seed), seed, kind, _real_digits())
+    prompts, real = _caption_set(pipe, config, eval_size(kind, config), seed)
+    return EvalSet(prompts, None, _latents(pipe, len(prompts), seed), seed, kind, real)
 
 
 def default_batch_size(pipe) -> int:
@@ -207,79 +359,161 @@ def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None,
     return images, seconds
 
 
+def _distances(key: str, net, images: torch.Tensor, other: torch.Tensor, against: str) -> dict[str, Metric]:
+    """``fd_<key>`` and ``kid_<key>`` of ``images``' features against ``other`` (features) with :mod:`helpers.fid`."""
+    from helpers.fid import frechet_distance, kernel_distance
+
+    ours = net.features(images)
+    fd = frechet_distance(ours, other)
+    kid, kid_std = kernel_distance(ours, other)
+    common = dict(images=len(ours), network=net.name, against=against, reference_images=len(other))
+    return {f"fd_{key}": Metric(f"fd_{key}", fd, **common), f"kid_{key}": Metric(f"kid_{key}", kid, std=kid_std, **common)}
+
+
+def _skipped(keys: Sequence[str], n: int, why: str) -> dict[str, Metric]:
+    return {k: Metric(k, None, n, skipped=why) for k in keys}
+
+
+def measure(images: torch.Tensor, eval_set: EvalSet, reference: torch.Tensor | None, config: KitConfig
+            ) -> dict[str, Metric]:
+    """Every metric of ``images`` (the sampler's output on ``eval_set``) for the set's kind; ``reference``: the
+    teacher's 50-step images (None: ``images`` *are* the reference, so the against-teacher distances are left
+    out and PSNR gives its cap)."""
+    from helpers.device import pick_device
+    from helpers.metrics import prompt_accuracy, psnr_db
+    from helpers.quality import clip_judge, digit_net, inception_net
+
+    n = len(images)
+    out = {"psnr_teacher": Metric("psnr_teacher", psnr_db(images, images if reference is None else reference), n,
+                                  against=REFERENCE_NAME, reference_images=n)}
+    device = pick_device(config.device)
+    if eval_set.kind == "digits":
+        out["prompt_accuracy"] = Metric("prompt_accuracy", prompt_accuracy(images, eval_set.digits), n,
+                                        "digit classifier", "prompts")
+        net, why = digit_net(), ""
+    elif config.grading:
+        net, why = None, "skipped while nbgrader runs (CLIP and Inception are too heavy for grading)"
+        out.update(_skipped(["clip_score"], n, why))
+    else:
+        judge, clip_why = clip_judge(config.clip_model, device)
+        out["clip_score"] = (Metric("clip_score", judge.score(images, eval_set.prompts), n, judge.name, "prompts")
+                             if judge else Metric("clip_score", None, n, skipped=clip_why))
+        net, why = inception_net(config.inception, device)
+    keys = (["fd_teacher", "kid_teacher"] if reference is not None else []) + (
+        ["fd_real", "kid_real"] if eval_set.real is not None else [])
+    if net is None:
+        return {**out, **_skipped(keys, n, why)}
+    if reference is not None:
+        out.update(_distances("teacher", net, images, net.features(reference), REFERENCE_NAME))
+    if eval_set.real is not None:
+        out.update(_distances("real", net, images, eval_set.real.features(net), eval_set.real.description))
+    return out
+
+
 def evaluate(name: str, sampler: Sampler, eval_set: EvalSet, reference: torch.Tensor | None, config: KitConfig,
              batch_size: int | None = None, record: bool = True, **extra) -> EvalResult:
-    """Generate the evaluation set with ``sampler`` and measure it; ``reference``: the teacher's 50-step
-    images (None: fidelity is measured against the images themselves, i.e. this *is* the reference).
-    Records the numbers (and ``extra`` fields, e.g. ``steps=4``) under ``name`` in the output folder of
-    ``config`` (:mod:`helpers.report`) unless ``record=False``."""
-    from helpers.metrics import prompt_accuracy, psnr_db
+    """Generate the evaluation set with ``sampler`` and measure it (:func:`measure`); ``reference``: the teacher's
+    50-step images (None: this *is* the reference). Records the :class:`SamplerRecord` (and ``extra`` fields,
+    e.g. ``steps=4``) under ``name`` in the output folder of ``config`` (:mod:`helpers.report`) unless
+    ``record=False``."""
+    images, seconds = generate(sampler, eval_set, batch_size, desc=name, config=config)
+    return _result(name, images, seconds, eval_set, reference, config, record, extra)
+
+
+def _result(name: str, images: torch.Tensor, seconds: float, eval_set: EvalSet, reference: torch.Tensor | None,
+            config: KitConfig, record: bool, extra: dict) -> EvalResult:
     from helpers.report import record_sampler, record_timing
 
-    images, seconds = generate(sampler, eval_set, batch_size, desc=name, config=config)
-    accuracy = prompt_accuracy(images, eval_set.digits)
-    fidelity = psnr_db(images, images if reference is None else reference)
-    result = EvalResult(name, images, accuracy, fidelity, seconds, dict(extra))
+    metrics = measure(images, eval_set, reference, config)
+    accuracy = metrics["prompt_accuracy"].value if "prompt_accuracy" in metrics else None
+    result = EvalResult(name, images, accuracy, metrics["psnr_teacher"].value, seconds, dict(extra), metrics)
     if record:
-        record_sampler(name, accuracy, fidelity, config, seconds=round(seconds, 3), images=len(eval_set), **extra)
-        record_timing(f"sample_{name}", seconds, config)
+        entry = result.record().to_json()
+        record_sampler(name, entry.pop("prompt_accuracy", None), entry.pop("fidelity_psnr_db"), config,
+                       **{**extra, **entry})
+        if not extra.get("cached"):
+            record_timing(f"sample_{name}", seconds, config)
     return result
 
 
 def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key: str, config: KitConfig,
                       num_inference_steps: int = 50, batch_size: int | None = None) -> EvalResult:
     """The teacher's ``num_inference_steps``-step DDIM images of the evaluation set, measured and recorded as
-    ``teacher_ddim50``; read from the on-disk cache when an earlier notebook made them for the same model
-    (``model_key``, e.g. :func:`helpers.data.model_fingerprint`), evaluation set and guidance. The cache and
-    the records live in the output folder of ``config`` (no cache under nbgrader).
+    ``teacher_ddim50``; the images are read from the on-disk cache when an earlier notebook made them for the
+    same model (``model_key``, e.g. :func:`helpers.data.model_fingerprint`), evaluation set and guidance (the
+    metrics are computed again: cheap next to the images). The cache and the records live in the output folder of
+    ``config`` (no cache under nbgrader).
 
     ``pipe.unet`` must be the teacher: call it before the first adapter is added, or inside
     :func:`helpers.training.adapters_disabled`.
     """
-    from helpers.report import out_dir, record_sampler
+    from helpers.report import out_dir
 
     key = hashlib.sha256(json.dumps([model_key, eval_set.key(), guidance_scale, num_inference_steps])
                          .encode()).hexdigest()[:16]
     path = None if config.grading else out_dir(config) / "cache" / f"teacher-{key}.pt"
     if path is not None and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        result = EvalResult(REFERENCE_NAME, saved["images"], float(saved["prompt_accuracy"]),
-                            float(saved["fidelity_psnr_db"]), float(saved["seconds"]), {"cached": True})
-        record_sampler(REFERENCE_NAME, result.prompt_accuracy, result.fidelity_psnr_db, config,
-                       seconds=round(result.seconds, 3), images=len(eval_set), steps=num_inference_steps)
-        return result
-    result = evaluate(REFERENCE_NAME, pipeline_sampler(pipe, num_inference_steps, guidance_scale), eval_set, None,
-                      config, batch_size, steps=num_inference_steps)
+        return _result(REFERENCE_NAME, saved["images"], float(saved["seconds"]), eval_set, None, config, True,
+                       {"steps": num_inference_steps, "cached": True})
+    images, seconds = generate(pipeline_sampler(pipe, num_inference_steps, guidance_scale), eval_set, batch_size,
+                               desc=REFERENCE_NAME, config=config)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        torch.save({"images": result.images, "prompt_accuracy": result.prompt_accuracy,
-                    "fidelity_psnr_db": result.fidelity_psnr_db, "seconds": result.seconds}, tmp)
+        torch.save({"images": images, "seconds": seconds}, tmp)
         tmp.replace(path)
-    return result
+    return _result(REFERENCE_NAME, images, seconds, eval_set, None, config, True, {"steps": num_inference_steps})
+
+
+#: Columns of :func:`results_table`: metric key, header, format.
+TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("prompt_accuracy", "prompt acc.", "{:.3f}"), ("clip_score", "CLIP score", "{:.2f}"),
+    ("psnr_teacher", "PSNR vs 50-step (dB)", "{:.2f}"), ("fd_teacher", "FD vs 50-step", "{:.2f}"),
+    ("fd_real", "FD vs real", "{:.2f}"), ("kid_real", "KID vs real", "{:.4f}"))
 
 
 def results_table(results: Sequence[EvalResult]) -> str:
-    """A plain-text table of the results (name, prompt accuracy, fidelity, seconds)."""
-    lines = [f"{'sampler':<22}{'prompt acc.':>12}{'PSNR vs 50-step (dB)':>23}{'seconds':>10}"]
+    """A plain-text table of the results: name, every metric any of them has (— where skipped or absent), seconds;
+    then which network and how many images each distance used."""
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in r.metrics for r in results)]
+    widths = [max(len(h), 8) + 2 for _, h, _ in columns]
+    lines = [f"{'sampler':<22}" + "".join(f"{h:>{w}}" for (_, h, _), w in zip(columns, widths)) + f"{'seconds':>10}"]
     for r in results:
-        psnr = "—" if r.fidelity_psnr_db is None else f"{r.fidelity_psnr_db:.2f}"
-        lines.append(f"{r.name:<22}{r.prompt_accuracy:>12.3f}{psnr:>23}{r.seconds:>10.1f}")
+        cells = []
+        for (key, _, fmt), w in zip(columns, widths):
+            value = r.metrics[key].value if key in r.metrics else None
+            cells.append(f"{'—' if value is None else fmt.format(value):>{w}}")
+        lines.append(f"{r.name:<22}" + "".join(cells) + f"{r.seconds:>10.1f}")
+    notes = {}
+    for r in results:
+        for m in r.metrics.values():
+            if m.key.startswith(("fd_", "kid_", "clip")):
+                notes.setdefault(m.key, m)
+    for key, m in notes.items():
+        lines.append(f"  {key}: " + (f"skipped: {m.skipped}" if m.skipped else
+                                      f"{m.network}, {m.images} images" + (f" vs {m.reference_images} of {m.against}"
+                                                                           if m.reference_images else "")))
     return "\n".join(lines)
 
 
 def show_results(results: Sequence[EvalResult], eval_set: EvalSet, config: KitConfig, per_row: int = 10,
                  filename: str | None = None):
-    """One row of images per sampler (the first image of each digit, same noise in every row); saved under
+    """One row of images per sampler (the first image of each digit, or the last prompts of a captions set; the same
+    noise in every row); saved under
     ``figures/filename`` of ``config``'s output folder when given. Returns the figure."""
     from helpers.plotting import show_images
     from helpers.report import save_figure
 
-    per_digit = max(1, len(eval_set) // 10)
-    picks = list(range(0, len(eval_set), per_digit))[:per_row]
+    if eval_set.digits is not None:
+        per_digit = max(1, len(eval_set) // 10)
+        picks = list(range(0, len(eval_set), per_digit))[:per_row]
+        labels = [f"digit {int(eval_set.digits[i])}" for i in picks]
+    else:  # the course's prompts (at the end of the set) first, then the drawn captions
+        picks = (list(range(len(eval_set)))[::-1])[:per_row]
+        labels = [eval_set.prompts[i][:24] for i in picks]
     images = torch.cat([r.images[picks] for r in results])
-    titles = [f"{r.name}\ndigit {int(eval_set.digits[i])}" if j == 0 else f"\ndigit {int(eval_set.digits[i])}"
-              for r in results for j, i in enumerate(picks)]
+    titles = [f"{r.name}\n{label}" if j == 0 else f"\n{label}" for r in results for j, label in enumerate(labels)]
     fig = show_images(images, titles=titles, ncols=len(picks), size=1.6)
     if filename:
         save_figure(fig, filename, config)

@@ -45,10 +45,13 @@ def _update(config: KitConfig, section: str, key: str, value: Any) -> None:
     tmp.replace(path)  # atomic: a crash never leaves half a file
 
 
-def record_sampler(name: str, prompt_accuracy: float, fidelity_psnr_db: float | None, config: KitConfig,
+def record_sampler(name: str, prompt_accuracy: float | None, fidelity_psnr_db: float | None, config: KitConfig,
                    **extra: Any) -> None:
-    """Record a sampler's metrics (e.g. ``teacher_ddim50``, ``cd_4``)."""
-    _update(config, "samplers", name, {"prompt_accuracy": float(prompt_accuracy),
+    """Record a sampler's metrics (e.g. ``teacher_ddim50``, ``cd_4``); ``prompt_accuracy`` None (a model not
+    asked for digits) leaves it out. :func:`helpers.evaluation.evaluate` passes its whole
+    :class:`helpers.evaluation.SamplerRecord` (``steps``, ``seconds``, ``images``, ``metrics``) in ``extra``."""
+    accuracy = {} if prompt_accuracy is None else {"prompt_accuracy": float(prompt_accuracy)}
+    _update(config, "samplers", name, {**accuracy,
                                        "fidelity_psnr_db": None if fidelity_psnr_db is None else float(fidelity_psnr_db),
                                        **extra})
 

@@ -469,7 +469,8 @@ def test_evaluate_records_and_the_teacher_reference_is_cached(kit_config, monkey
     assert metrics["samplers"]["teacher_ddim4"]["steps"] == 1 and "sample_teacher_ddim4" in metrics["timings_s"]
     monkeypatch.setattr(evaluation, "pipeline_sampler", lambda *a, **k: pytest.fail("the teacher ran again"))
     cached = evaluation.teacher_reference(pipe, eval_set, 2.0, "tiny", kit_config, num_inference_steps=2)
-    assert torch.equal(cached.images, ref.images) and cached.extra == {"cached": True}
+    assert torch.equal(cached.images, ref.images) and cached.extra["cached"] is True
+    assert cached.metrics == ref.metrics  # measured again from the cached images: the same numbers
     text = evaluation.results_table([ref, four])
     assert "teacher_ddim4" in text and "100.00" in text
 

@@ -42,11 +42,45 @@ def gap_closed(samplers: dict[str, dict]) -> dict[str, float | None]:
     return {name: None if a is None else (a - lo) / (hi - lo) for name, a in acc.items()}
 
 
+#: The distances every sampler of a digits run has (the digit classifier's feature space); the reference has
+#: no against-teacher ones.
+DIGIT_DISTANCES: tuple[str, ...] = ("fd_real", "kid_real", "fd_teacher", "kid_teacher")
+
+
+def _metric_problems(name: str, m: dict[str, Any]) -> list[str]:
+    """Problems with a sampler's ``metrics`` (helpers.evaluation.SamplerRecord): each a finite number (or skipped,
+    saying why) that says how many images it used; distances >= 0 (FD) or finite (KID, unbiased: may dip below 0);
+    CLIP score in [0, 100]; on a digits run (prompt accuracy recorded) the digit-feature distances present."""
+    problems: list[str] = []
+    metrics: dict[str, dict] = m.get("metrics") or {}
+    for key, entry in metrics.items():
+        value = _number(entry.get("value"))
+        if entry.get("value") is None:
+            if not entry.get("skipped"):
+                problems.append(f"{name}: metric {key} has no value and no reason it was skipped")
+            continue
+        if value is None or (key.startswith("fd_") and value < 0) or (key == "clip_score" and not 0 <= value <= 100):
+            problems.append(f"{name}: metric {key} = {entry.get('value')!r} is out of range")
+        if not isinstance(entry.get("images"), int) or entry["images"] < 2:
+            problems.append(f"{name}: metric {key} does not say how many images it used (>= 2)")
+        if key.startswith(("fd_", "kid_", "clip")) and not entry.get("network"):
+            problems.append(f"{name}: metric {key} does not name the network that judged the images")
+    if name == REFERENCE and any(k.endswith("_teacher") and not k.startswith("psnr") for k in metrics):
+        problems.append(f"{REFERENCE}: has distances against itself ({sorted(metrics)})")
+    if "prompt_accuracy" in m and "metrics" in m:
+        wanted = [k for k in DIGIT_DISTANCES if name != REFERENCE or not k.endswith("_teacher")]
+        missing = [k for k in wanted if _number((metrics.get(k) or {}).get("value")) is None]
+        if missing:
+            problems.append(f"{name}: the digit-feature distances {missing} are missing")
+    return problems
+
+
 def check_metrics(data: dict[str, Any], complete: bool, cap_db: float | None = None,
                   figures: Sequence[Path] = ()) -> list[str]:
     """Problems with a run's ``metrics.json`` content (empty list = consistent).
 
-    Every recorded sampler: prompt accuracy in [0, 1], fidelity (PSNR in dB against ``teacher_ddim50``)
+    Every recorded sampler: prompt accuracy (when recorded: digits runs) in [0, 1], its ``metrics`` consistent
+    (:func:`_metric_problems`), fidelity (PSNR in dB against ``teacher_ddim50``)
     finite, in [0, ``cap_db``]; ``teacher_ddim50`` against itself exactly ``cap_db`` and nobody else at the
     cap; timings finite and >= 0. When ``complete`` (every notebook of the course ran): every expected
     sampler present and at least one figure saved.
@@ -62,8 +96,9 @@ def check_metrics(data: dict[str, Any], complete: bool, cap_db: float | None = N
             problems.append("no figures were saved (notebooks save grids and loss curves with save_figure)")
     for name, m in samplers.items():
         acc = _number(m.get("prompt_accuracy"))
-        if acc is None or not 0.0 <= acc <= 1.0:
+        if "prompt_accuracy" in m and (acc is None or not 0.0 <= acc <= 1.0):
             problems.append(f"{name}: prompt_accuracy {m.get('prompt_accuracy')!r} is not a number in [0, 1]")
+        problems += _metric_problems(name, m)
         psnr = _number(m.get("fidelity_psnr_db"))
         if psnr is None or psnr < 0 or (cap_db is not None and psnr > cap_db + 1e-6):
             problems.append(f"{name}: fidelity_psnr_db {m.get('fidelity_psnr_db')!r} is not a finite PSNR in "

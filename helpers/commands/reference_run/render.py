@@ -44,12 +44,56 @@ def _versus_few_step(samplers: dict[str, dict], name: str) -> str:
     return f"{acc - acc4:+.3f}, {psnr - psnr4:+.2f} dB: {verdict}"
 
 
+#: Headers of the distribution and text-image metrics (helpers.evaluation.measure), in table order.
+METRIC_HEADERS: dict[str, str] = {
+    "clip_score": "CLIP score", "fd_teacher": f"FD vs `{REFERENCE}`", "kid_teacher": f"KID vs `{REFERENCE}`",
+    "fd_real": "FD vs real", "kid_real": "KID vs real"}
+
+
+def _metric_cell(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    if entry.get("value") is None:
+        return "skipped"
+    value = _fmt(entry["value"], 4 if entry["key"].startswith("kid") else 2)
+    return value + (f" ± {_fmt(entry['std'], 4)}" if _number(entry.get("std")) is not None else "")
+
+
+def _distribution_section(samplers: dict[str, dict], names: list[str]) -> list[str]:
+    """The table of :data:`METRIC_HEADERS` metrics, then what each used: network, images, reference set."""
+    keys = [k for k in METRIC_HEADERS if any(k in (samplers[n].get("metrics") or {}) for n in names)]
+    if not keys:
+        return []
+    rows = [[f"`{n}`"] + [_metric_cell((samplers[n].get("metrics") or {}).get(k)) for k in keys] for n in names]
+    lines = ["", "### Distribution and text–image metrics", ""]
+    lines += _table(["sampler", *(METRIC_HEADERS[k] for k in keys)], rows)
+    lines += [""]
+    for k in keys:
+        entry = next(samplers[n]["metrics"][k] for n in names if k in (samplers[n].get("metrics") or {}))
+        if entry.get("value") is None:
+            lines.append(f"- {METRIC_HEADERS[k]}: skipped: {entry.get('skipped')}")
+        else:
+            against = f" against {entry['reference_images']} images of {entry['against']}" if entry.get(
+                "reference_images") else f" against the {entry.get('against')}"
+            lines.append(f"- {METRIC_HEADERS[k]}: {entry.get('network')}, {entry.get('images')} images per "
+                         f"sampler{against}.")
+    return lines + ["", "FD: Fréchet distance of Gaussians fitted to the features (FID when the features are "
+                        "Inception's; biased upwards at small N: compare numbers of the same N only). KID: unbiased "
+                        "kernel distance, mean ± std over random subsets. CLIP score: torchmetrics' 100·cos(image, "
+                        "prompt). Definitions: `docs/reference_run.md`."]
+
+
 def _metrics_section(samplers: dict[str, dict]) -> list[str]:
     if not samplers:
         return ["No sampler metrics were recorded."]
-    gaps = gap_closed(samplers)
     names = [s for s in EXPECTED_SAMPLERS if s in samplers] + sorted(set(samplers) - set(EXPECTED_SAMPLERS))
-    extra = sorted({k for m in samplers.values() for k in m} - {"prompt_accuracy", "fidelity_psnr_db"})
+    if not any("prompt_accuracy" in m for m in samplers.values()):  # not a digits run: nothing digit-specific
+        rows = [[f"`{n}`", _fmt(samplers[n].get("fidelity_psnr_db"), 2), _cell(samplers[n].get("steps", "—")),
+                 _cell(samplers[n].get("seconds", "—"))] for n in names]
+        return _table(["sampler", f"PSNR vs `{REFERENCE}` (dB)", "steps", "seconds"], rows) + \
+            _distribution_section(samplers, names)
+    gaps = gap_closed(samplers)
+    extra = sorted({k for m in samplers.values() for k in m} - {"prompt_accuracy", "fidelity_psnr_db", "metrics"})
     rows = [[f"`{n}`", _fmt(samplers[n].get("prompt_accuracy")), _fmt(samplers[n].get("fidelity_psnr_db"), 2),
              "—" if n in (REFERENCE, FEW_STEP) or gaps[n] is None else f"{100 * gaps[n]:.0f} %",
              _versus_few_step(samplers, n)]
@@ -66,7 +110,8 @@ def _metrics_section(samplers: dict[str, dict]) -> list[str]:
                       "fidelity (PSNR) still shows how far each sampler is from the 50-step teacher."]
     return lines + ["", f"*Gap closed*: share of the prompt-accuracy gap between `{FEW_STEP}` and `{REFERENCE}` "
                         "that a student closes (100 % = as accurate as the 50-step teacher). Fidelity: PSNR against "
-                        f"`{REFERENCE}` images from the same initial noise (identical images = the cap)."]
+                        f"`{REFERENCE}` images from the same initial noise (identical images = the cap)."] + \
+        _distribution_section(samplers, names)
 
 
 def render_report(data: dict[str, Any], results: Sequence[NotebookResult], problems: Sequence[str],
