@@ -203,7 +203,7 @@ def test_from_environ_defaults_and_empty_values_are_unset():
     default = KitConfig()
     assert (default.model, default.device, default.reduced, default.check_seed, default.execution) == (
         "small", None, False, None, "")
-    assert default.to_environ() == {"CD_KIT_MODEL": "small", "CD_KIT_CLIP_MODEL": "openai/clip-vit-large-patch14"}
+    assert default.to_environ() == {"CD_KIT_MODEL": "small"}
     assert KitConfig.from_environ({"CD_KIT_MODEL": "sd15"}, model="small", reduced=True) == KitConfig(reduced=True)
 
 
