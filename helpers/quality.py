@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FeatureNet", "digit_net", "inception_net", "ClipJudge", "clip_judge", "to_uint8"]
+#: The CLIP of the CLIP score when ``config.clip_model`` is unset: ViT-L/14, as LCM and PCM report it.
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+__all__ = ["DEFAULT_CLIP_MODEL", "FeatureNet", "digit_net", "inception_net", "ClipJudge", "clip_judge", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -211,6 +214,7 @@ def _clip(model: str, device: str) -> tuple[ClipJudge | None, str]:
     return ClipJudge(f"CLIP {Path(model).name}", metric, device), ""
 
 
-def clip_judge(model: str, device: str | torch.device = "cpu") -> tuple[ClipJudge | None, str]:
-    """The CLIP score of ``model`` (``config.clip_model``): ``(judge, "")`` or ``(None, why it is unavailable)``."""
-    return _clip(model, str(device))
+def clip_judge(model: str | None, device: str | torch.device = "cpu") -> tuple[ClipJudge | None, str]:
+    """The CLIP score of ``model`` (``config.clip_model``; None: :data:`DEFAULT_CLIP_MODEL`): ``(judge, "")`` or
+    ``(None, why it is unavailable)``."""
+    return _clip(model or DEFAULT_CLIP_MODEL, str(device))
