@@ -144,7 +144,8 @@ class SamplerRecord:
 
     @classmethod
     def from_json(cls, name: str, data: dict[str, Any]) -> SamplerRecord:
-        metrics = {k: Metric(**{"key": k, **m}) for k, m in (data.get("metrics") or {}).items()}
+        # to_json leaves out the None fields: a skipped metric has no "value"
+        metrics = {k: Metric(**{"key": k, "value": None, **m}) for k, m in (data.get("metrics") or {}).items()}
         return cls(name, data.get("steps"), float(data.get("seconds") or 0.0), int(data.get("images") or 0), metrics)
 
 

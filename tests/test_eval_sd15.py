@@ -161,3 +161,13 @@ def test_digits_set_gains_the_digit_feature_distances(kit_config):
     assert metrics["fd_real"].network.startswith("digit classifier") and metrics["prompt_accuracy"].images == 10
     blurred = evaluation.measure(F.avg_pool2d(images, 3, 1, 1), eval_set, images, kit_config)
     assert blurred["fd_teacher"].value > 1e-3
+
+
+def test_a_skipped_metric_survives_the_round_trip_through_metrics_json():
+    """Notebook 05 reads 04's samplers back from metrics.json; a skipped judge (no CLIP in the cache) has no value
+    there. Seen on the GPU host: ``Metric.__init__() missing ... 'value'`` in 05 on an SD1.5-shaped pipeline."""
+    record = evaluation.SamplerRecord("cd_4", 4, 1.5, 10, {
+        "clip_score": evaluation.Metric("clip_score", None, 10, skipped="no CLIP model in the cache"),
+        "psnr_teacher": evaluation.Metric("psnr_teacher", 21.5, 10, against="teacher_ddim50")})
+    back = evaluation.SamplerRecord.from_json("cd_4", json.loads(json.dumps(record.to_json())))
+    assert back == record
