@@ -197,7 +197,8 @@ def run_phase(case: PhaseCase, model_dir: Path, data_dir: Path, work: Path, devi
     release(device)
     if case.memory_cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, case.memory_cap_gib * GIB / total), device)
+        index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index
+        torch.cuda.set_per_process_memory_fraction(min(1.0, case.memory_cap_gib * GIB / total), index)
     torch.backends.cudnn.benchmark = case.cudnn_benchmark
     ref = {n: reference(n) for n in ("cm_loss_template", "train_loop", "get_xs_from_xt_naive", "pseudo_huber_loss",
                                      "get_xs_from_xt_with_teacher", "get_multi_boundary_timesteps",
@@ -292,7 +293,7 @@ def run_phase(case: PhaseCase, model_dir: Path, data_dir: Path, work: Path, devi
     out["memory_all"] = memory(device)
     del pipe, teacher, optimizer, loader, dataset
     if case.memory_cap_gib and device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
     return out
 
 
