@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 from pathlib import Path
 
 import nbformat
@@ -230,3 +231,74 @@ def test_kernel_env_carries_the_run_settings_and_drops_nbgrader():
     assert env == {"PATH": "/usr/bin", "CD_KIT_MODEL": "small", "CD_KIT_OUT": "/tmp/o", "MPLBACKEND": "Agg"}
     env = kernel_env(KitConfig(model="sd15", out="/tmp/o", reduced=True, execution="validate"), base)
     assert env["CD_KIT_REDUCED"] == "1" and "NBGRADER_EXECUTION" not in env and env["CD_KIT_MODEL"] == "sd15"
+
+
+# ------------------------------------------------------------------------------------------ failures carry tracebacks
+FAILING = {"01_model_loading": COMPLETE["01_model_loading"],
+           "02_ddim_step": ["def raising_function_xyz():\n    assert 1 + 1 == 3", "import math\nraising_function_xyz()"]}
+
+
+def _error_outputs(notebook: Path, index: int) -> list[str]:
+    """The ANSI-free tracebacks of cell ``index``'s error outputs in a saved notebook."""
+    cell = nbformat.read(notebook, 4).cells[index]
+    return [rr.plain_traceback(o["traceback"]) for o in cell.outputs if o["output_type"] == "error"]
+
+
+def test_a_failing_cells_traceback_is_in_the_summary_the_report_and_the_executed_copy(tmp_path, model_folder, capsys):
+    out = tmp_path / "out"
+    code = rr.main(["--model", model_folder, "--out", str(out), "--only", "01,02",
+                    "--solutions", str(_write_course(tmp_path / "solutions", FAILING))])
+
+    assert code == 1
+    err = capsys.readouterr().err
+    # the raising function appears only in the traceback (the failing cell's first line is "import math")
+    assert "in raising_function_xyz" in err and "assert 1 + 1 == 3" in err
+    assert "02_ddim_step failed at cell 1: import math -> AssertionError (no message), raised at" in err
+    report = (out / "report.md").read_text()
+    failures = report.split("## Failures", 1)[1].split("## Metrics", 1)[0]
+    assert "in raising_function_xyz" in failures and "assert 1 + 1 == 3" in failures
+    assert "\x1b[" not in report, "tracebacks in the report are plain text"
+    data = json.loads((out / "metrics.json").read_text())
+    assert "in raising_function_xyz" in data["notebooks"]["02_ddim_step"]["traceback"]
+    assert any("in raising_function_xyz" in tb for tb in _error_outputs(out / "notebooks/02_ddim_step/ddim_step.ipynb", 1))
+
+
+def test_an_error_of_the_runner_itself_is_recorded_with_its_traceback(tmp_path, model_folder, capsys):
+    """A dead kernel: nbclient raises in this process and the kernel reports nothing; the runner's traceback
+    stands in the summary, the report and the executed copy."""
+    out = tmp_path / "out"
+    course = {"01_model_loading": ["x = 1", "import os\nos._exit(1)"]}
+    code = rr.main(["--model", model_folder, "--out", str(out), "--only", "01",
+                    "--solutions", str(_write_course(tmp_path / "solutions", course))])
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "01_model_loading failed at cell 1: import os -> DeadKernelError" in err
+    assert "not by the cell's code" in err and "nbclient" in err
+    report = (out / "report.md").read_text()
+    assert "DeadKernelError" in report.split("## Failures", 1)[1] and "not by the cell's code" in report
+    saved = _error_outputs(out / "notebooks/01_model_loading/model_loading.ipynb", 1)
+    assert saved and "DeadKernelError" in saved[-1], "the executed copy carries the runner's traceback"
+
+
+def test_an_early_wakeup_while_waiting_for_a_cell_is_waited_out(tmp_path, model_folder, monkeypatch):
+    """Regression (issue 15): jupyter_client's shell get_msg raised Empty before any reply came (pyzmq's poll
+    woke without a message); nbclient, with no cell timeout, then failed on a bare ``assert timeout is not
+    None`` in this process: ``AssertionError:``, and no traceback anywhere. Simulated: one early Empty."""
+    import zmq
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    get_msg, woken = AsyncZMQSocketChannel.get_msg, []
+
+    async def wakes_early_once(self, timeout=None):
+        if timeout is None and self.socket.type == zmq.DEALER and not woken:  # the shell channel, in a cell
+            woken.append(True)
+            raise queue.Empty
+        return await get_msg(self, timeout)
+
+    monkeypatch.setattr(AsyncZMQSocketChannel, "get_msg", wakes_early_once)
+    solutions = _write_course(tmp_path / "solutions", {"01_model_loading": ["import time\ntime.sleep(0.5)", "y = 2"]})
+    outcome = rr.run(model=model_folder, out=tmp_path / "out", solutions_dir=solutions, only="01")
+
+    assert woken, "the simulated early wake-up did not happen: the test no longer exercises nbclient's wait"
+    assert [r.status for r in outcome.results] == ["ok"], outcome.results[0].error

@@ -11,10 +11,10 @@ Three rooms and the command that joins them:
 from helpers.commands.reference_run.check import (EXPECTED_SAMPLERS, FEW_STEP, REFERENCE, check_metrics,
                                                   gap_closed, psnr_cap_db)
 from helpers.commands.reference_run.cli import DEFAULT_OUT, RunOutcome, main, run
-from helpers.commands.reference_run.execute import (NotebookResult, environment_info, execute_notebook,
-                                                    select_assignments)
+from helpers.commands.reference_run.execute import (Execution, NotebookResult, environment_info, execute_notebook,
+                                                    plain_traceback, select_assignments)
 from helpers.commands.reference_run.render import render_report
 
-__all__ = ["EXPECTED_SAMPLERS", "REFERENCE", "FEW_STEP", "DEFAULT_OUT", "NotebookResult", "RunOutcome",
-           "select_assignments", "execute_notebook", "environment_info", "psnr_cap_db", "gap_closed",
+__all__ = ["EXPECTED_SAMPLERS", "REFERENCE", "FEW_STEP", "DEFAULT_OUT", "NotebookResult", "Execution", "RunOutcome",
+           "select_assignments", "execute_notebook", "plain_traceback", "environment_info", "psnr_cap_db", "gap_closed",
            "check_metrics", "render_report", "run", "main"]

@@ -72,13 +72,14 @@ def run(model: str | None = None, out: str | Path = DEFAULT_OUT, reduced: bool =
     data.update(run={"model": setting, "reduced": reduced, "only": [a.id for a in assignments],
                      "solutions": str(Path(solutions_dir).resolve()), "started": started,
                      "cell_timeout_s": cell_timeout, "data": config.data},
-                notebooks={r.assignment: {"status": r.status, "wall_s": r.wall_s, "error": r.error} for r in results},
+                notebooks={r.assignment: {"status": r.status, "wall_s": r.wall_s, "error": r.error,
+                                          "traceback": r.traceback} for r in results},
                 environment=environment_info(config.device))
     metrics_path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
     figures = sorted(p for p in (out / "figures").glob("*") if p.suffix.lower() in FIGURE_SUFFIXES)
     complete = len(assignments) == len(ASSIGNMENTS) and all(r.status == "ok" for r in results)
-    problems = [f"{r.assignment} failed at {r.error} (traceback in {out / r.notebook})"
+    problems = [f"{r.assignment} failed at {r.error} (traceback above, in report.md and in {out / r.notebook})"
                 for r in results if r.status == "failed"]
     problems += check_metrics(data, complete, psnr_cap_db(), figures)
     report = out / "report.md"
@@ -110,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"note: not in solutions/ yet, not run: {', '.join(missing)}")
     if outcome.problems:
+        for r in outcome.results:
+            if r.status == "failed":
+                print(f"\n[{r.assignment}] traceback of {r.error}:\n{r.traceback or 'none was recorded'}",
+                      file=sys.stderr)
         print(f"\n{len(outcome.problems)} problem(s):", *(f"  - {p}" for p in outcome.problems), sep="\n",
               file=sys.stderr)
         return 1

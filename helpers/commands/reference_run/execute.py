@@ -2,10 +2,14 @@
 assignment's notebook there with nbclient, in course order, stopping at the first failure."""
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
+import queue
+import re
 import shutil
 import time
+import traceback as _traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -16,6 +20,7 @@ import nbformat
 import torch
 import zmq
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 from traitlets.config import Config
 
 from helpers.config import KitConfig, setting_fields
@@ -23,7 +28,8 @@ from helpers.course import ASSIGNMENTS, Assignment
 from helpers.device import pick_device
 from helpers.models import resolve_model
 
-__all__ = ["NotebookResult", "PRODUCED", "PACKAGES", "select_assignments", "execute_notebook", "kernel_env",
+__all__ = ["NotebookResult", "Execution", "PRODUCED", "PACKAGES", "select_assignments", "execute_notebook",
+           "plain_traceback", "kernel_env",
            "model_setting", "prepare", "run_notebooks", "environment_info"]
 
 PRODUCED = ("notebooks", "figures", "metrics.json", "report.md")  # what a run owns inside <out>
@@ -39,8 +45,18 @@ class NotebookResult:
     notebook: str  # path relative to <out>
     status: str  # "ok", "failed", "missing" (no solution notebook) or "not run" (after a failure)
     wall_s: float | None = None
-    error: str | None = None
+    error: str | None = None  # where it failed and the exception, one line
+    traceback: str | None = None  # the failing cell's traceback, plain text (also in the executed copy)
 
+
+@dataclass(frozen=True)
+class Execution:
+    """The outcome of :func:`execute_notebook`: ``error`` (None on success) names the failing cell and the
+    exception in one line; ``traceback`` is the plain-text traceback that the executed copy also carries."""
+
+    error: str | None
+    traceback: str | None
+    wall_s: float
 
 
 def select_assignments(only: str | Sequence[str] | None) -> list[Assignment]:
@@ -64,36 +80,99 @@ def _describe_cell(cell: dict, index: int) -> str:
     return f"cell {index}{tag}: {first[:80]}"
 
 
-def _error_summary(cell: dict) -> str:
-    for output in cell.get("outputs", []):
-        if output.get("output_type") == "error":
-            return f"{output.get('ename')}: {output.get('evalue')}"
-    return ""
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_FRAME = re.compile(r"^\s*(File |Cell In\[)")  # a frame line of IPython's or of Python's tracebacks
+RUNNER_NOTE = ("Raised in the reference run's own process (nbclient, which executes the notebook) while this cell "
+               "ran, not by the cell's code: a cell timeout, a dead kernel or an error inside nbclient. "
+               "Traceback of the runner:")
+
+
+def plain_traceback(lines: list[str] | str) -> str:
+    """A traceback (a list of lines as in a notebook's error output, or one string) without ANSI colours."""
+    text = "\n".join(lines) if isinstance(lines, list) else lines
+    return _ANSI.sub("", text).strip("\n")
+
+
+def _summary(ename: str, evalue: str, traceback: str) -> str:
+    """``ename: evalue``; for an exception without a message (a bare ``assert``) also the last frame of the
+    traceback, so that the one-line summary still says where it was raised."""
+    if str(evalue).strip():
+        first = next(line for line in str(evalue).splitlines() if line.strip())
+        return f"{ename}: {first.strip()[:300]}"
+    frames = [line.strip() for line in traceback.splitlines() if _FRAME.match(line)]
+    return f"{ename} (no message)" + (f", raised at {frames[-1][:200]}" if frames else "")
+
+
+def _record_failure(cell: dict | None, err: BaseException) -> tuple[str, str]:
+    """``(summary, traceback)`` of a failed execution; the failing cell is made to carry the traceback.
+
+    When the cell's code raised (``CellExecutionError``), the kernel's error output has the traceback (it is
+    added from the exception if it did not reach the cell). Any other exception came from this process: a cell
+    timeout, a dead kernel, an error inside nbclient. Its own traceback then becomes an error output of the
+    cell, after whatever the kernel reported, so the executed copy shows it too."""
+    outputs = cell.setdefault("outputs", []) if cell is not None else []
+    kernel = [plain_traceback(o.get("traceback") or []) for o in outputs if o.get("output_type") == "error"]
+    if isinstance(err, CellExecutionError):
+        ename, evalue, tb = err.ename, err.evalue, (kernel[-1] if kernel else plain_traceback(str(err)))
+        summary = _summary(ename, evalue, tb)
+    else:
+        ename, evalue = type(err).__name__, str(err)
+        runner = f"{RUNNER_NOTE}\n" + plain_traceback("".join(_traceback.format_exception(err)))
+        tb, summary = "\n\n".join([*kernel[-1:], runner]), _summary(ename, evalue, runner)
+    if cell is not None and (not kernel or not isinstance(err, CellExecutionError)):
+        outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=tb.splitlines()))
+    return summary, tb
+
+
+def _wait_out_early_wakeups(kernel_client) -> None:
+    """Make the kernel client's shell ``get_msg`` raise ``queue.Empty`` only once its timeout has really passed.
+
+    nbclient waits for a cell's reply with ``shell_channel.get_msg(timeout)``; jupyter_client raises ``Empty``
+    whenever pyzmq's asyncio ``poll`` resolves to 0, which it does when, woken, it finds nothing to read. nbclient
+    takes any ``Empty`` for a timeout: with no cell timeout (the reference run's default) it fails on its bare
+    ``assert timeout is not None``, in this process, while the kernel runs on; with one, it reports a false
+    timeout. That is the likely cause of issue 15's failure (notebook 04's CD cell on a custom pipeline: a bare
+    ``AssertionError:``, nothing in the notebook); the trigger of the early wake-up was not observed here."""
+    channel = kernel_client.shell_channel
+    get_msg = channel.get_msg
+
+    async def patient_get_msg(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await get_msg(timeout=left)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.01)  # an early wake-up: wait on
+
+    channel.get_msg = patient_get_msg
 
 
 def execute_notebook(path: Path, env: dict[str, str], cell_timeout: int | None = None,
-                     kernel_name: str = "python3") -> tuple[str | None, float]:
+                     kernel_name: str = "python3") -> Execution:
     """Execute the notebook at ``path`` in place (its folder as working directory) and save it, also when
-    a cell fails. Returns ``(error, wall seconds)``; ``error`` is None on success, else names the cell."""
+    a cell fails; the failing cell then carries the traceback (see :class:`Execution`)."""
     nb = nbformat.read(path, as_version=4)
     running: dict[str, Any] = {}
     # CurveZMQ between this process and the kernel where pyzmq has it (else the kernel warns about plain TCP)
     config = Config(KernelManager={"transport_encryption": "auto" if zmq.has("curve") else "disabled"})
     client = NotebookClient(nb, timeout=cell_timeout, kernel_name=kernel_name, config=config,
                             resources={"metadata": {"path": str(path.parent)}},
+                            on_notebook_start=lambda notebook: _wait_out_early_wakeups(client.kc),
                             on_cell_start=lambda cell, cell_index: running.update(cell=cell, index=cell_index))
     start = time.perf_counter()
-    error = None
+    error = tb = None
     try:
         client.execute(env=env)
     except Exception as err:  # CellExecutionError, CellTimeoutError, DeadKernelError, kernel start failures
         where = _describe_cell(running["cell"], running["index"]) if running else "before the first cell"
-        detail = _error_summary(running["cell"]) if running else ""
-        last_line = (str(err).strip().splitlines() or [""])[-1][:300]
-        error = f"{where} -> {detail or f'{type(err).__name__}: {last_line}'}"
+        summary, tb = _record_failure(running.get("cell"), err)
+        error = f"{where} -> {summary}"
     finally:
         nbformat.write(nb, path)
-    return error, time.perf_counter() - start
+    return Execution(error, tb, time.perf_counter() - start)
 
 
 def kernel_env(config: KitConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -142,11 +221,12 @@ def run_notebooks(assignments: list[Assignment], nb_dir: Path, env: dict[str, st
             results.append(NotebookResult(a.id, rel, "not run"))
             continue
         print(f"[{a.id}] running {rel} ...", flush=True)
-        error, wall = execute_notebook(nb_dir / a.id / a.notebook, env, cell_timeout)
-        failed = error is not None
-        results.append(NotebookResult(a.id, rel, "failed" if failed else "ok", round(wall, 1), error))
-        print(f"[{a.id}] {'FAILED' if failed else 'ok'} in {wall:.1f} s" + (f": {error}" if error else ""),
-              flush=True)
+        done = execute_notebook(nb_dir / a.id / a.notebook, env, cell_timeout)
+        failed = done.error is not None
+        results.append(NotebookResult(a.id, rel, "failed" if failed else "ok", round(done.wall_s, 1), done.error,
+                                      done.traceback))
+        print(f"[{a.id}] {'FAILED' if failed else 'ok'} in {done.wall_s:.1f} s"
+              + (f": {done.error}" if failed else ""), flush=True)
     return results
 
 

@@ -114,6 +114,16 @@ def _metrics_section(samplers: dict[str, dict]) -> list[str]:
         _distribution_section(samplers, names)
 
 
+def _failures_section(results: Sequence[NotebookResult]) -> list[str]:
+    """Each failed notebook's traceback (the executed copy carries it too); nothing when none failed."""
+    failed = [r for r in results if r.status == "failed"]
+    lines = ["", "## Failures"] if failed else []
+    for r in failed:  # a four-backtick fence: a traceback may quote Markdown's three
+        lines += ["", f"### {r.assignment}", "", f"{r.error} (executed copy: [{Path(r.notebook).name}]({r.notebook}))",
+                  "", "````text", r.traceback or "no traceback was recorded", "````"]
+    return lines
+
+
 def render_report(data: dict[str, Any], results: Sequence[NotebookResult], problems: Sequence[str],
                   figures: Sequence[str]) -> str:
     """The Markdown report of a run: notebooks, metrics table, figures, timings, settings, environment,
@@ -130,6 +140,7 @@ def render_report(data: dict[str, Any], results: Sequence[NotebookResult], probl
     missing = [r.assignment for r in results if r.status == "missing"]
     if missing:
         lines += ["", f"Missing from `solutions/` (not run): {', '.join(missing)}."]
+    lines += _failures_section(results)
     lines += ["", "## Metrics", "", *_metrics_section(data.get("samplers") or {}), "", "## Figures", ""]
     lines += [f"### {Path(f).stem}\n\n![{Path(f).stem}]({f})\n" for f in figures] or ["No figures were saved."]
     timings = data.get("timings_s") or {}
