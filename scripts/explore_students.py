@@ -10,7 +10,8 @@ number of steps given here) and, at each checkpoint, samples it on the evaluatio
 ``multi_cd`` with the matched deterministic sampler (``multi_boundary_sampling``, K = ``--boundaries``), ``cd``
 with ``consistency_sampling`` in ``--boundaries`` steps. Each checkpoint reports, per seed and as mean ± sd, the same
 numbers as the teacher's DDIM rows (accuracy, FD against real digits and against DDIM-50, PSNR against DDIM-50) and
-the paired difference to the teacher's DDIM at the same number of steps.
+the paired difference to the teacher's DDIM at the same number of steps; ``fd_50x`` is the FD against the DDIM-50
+images of the *other* seeds (independent noise), fair to samplers that draw fresh noise.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from explore_gap import floats, ints, load_teacher, measure, subset_index  # noq
 from helpers import data, evaluation, training  # noqa: E402
 from helpers import small_model as sm  # noqa: E402
 from helpers.config import KitConfig  # noqa: E402
-from helpers.fid import digit_features  # noqa: E402
+from helpers.fid import digit_features, frechet_distance  # noqa: E402
 from helpers.models import resolve_model  # noqa: E402
 from helpers.notebook_functions import course_namespace  # noqa: E402
 from helpers.prompts import empty_prompt_embeds  # noqa: E402
@@ -127,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
             feats = digit_features(images)
             student = measure(images, feats, sub.digits, ref, ref_f, real_feats)
             teacher = measure(ddim, ddim_f, sub.digits, ref, ref_f, real_feats)
+            # against the DDIM-50 images of the other seeds (independent noise: fair to stochastic samplers)
+            others = [v[2] for s, v in sets.items() if s != seed]
+            if others:
+                student["fd_50x"] = statistics.fmean(frechet_distance(feats, o) for o in others)
+                teacher["fd_50x"] = statistics.fmean(frechet_distance(ddim_f, o) for o in others)
             rows.append({"seed": seed, **student, **{f"{k}_minus_ddim": student[k] - teacher[k] for k in student}})
         summary = {k: {"mean": statistics.fmean(r[k] for r in rows),
                        "sd": statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0} for k in rows[0] if k != "seed"}
