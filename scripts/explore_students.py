@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--boundaries", type=int, default=4, help="K of multi_cd, and the sampling steps")
     p.add_argument("--lr", type=float, default=None, help="default: the small model's setting")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--cosine", action="store_true", help="learning rate cosine-decayed to 0 over --steps")
     p.add_argument("--seeds", type=ints, default=[0, 1, 2])
     p.add_argument("--per-digit", type=int, default=50, help="of the cached evaluation sets")
     p.add_argument("--eval-per-digit", type=int, default=20, help="images per digit measured (a nested subset)")
@@ -99,6 +101,15 @@ def main(argv: list[str] | None = None) -> dict:
     loss = functools.partial(ns["cm_loss_template"], unet=pipe.unet, scheduler=pipe.scheduler,
                              loss_fn=functools.partial(ns["pseudo_huber_loss"], c=settings.huber_c),
                              get_boundary_timesteps=boundary, get_xs_from_xt=teacher_xs, step_size=settings.step_size)
+
+    if args.cosine:  # one loss call per optimizer step (no accumulation): set the rate of the coming step
+        base_lr, calls, plain_loss = settings.learning_rate, [0], loss
+
+        def loss(*batch):
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * min(calls[0], args.steps) / args.steps))
+            calls[0] += 1
+            return plain_loss(*batch)
 
     real, _ = sm.load_digits_dataset()
     real_feats = digit_features((real + 1) / 2)
