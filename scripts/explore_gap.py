@@ -13,6 +13,8 @@ count, all from the same latents and prompts. Each set is measured with
 * ``fd_50``: the same distance against the teacher's DDIM-50 images from the same noise,
 * ``fd_50x``: the same distance against the DDIM-50 images of the *other* seeds (independent noise; the value
   DDIM-50 itself gets there is the floor), the comparison that is fair to samplers that draw fresh noise,
+* ``fd_50h``: split halves of one set: the first half of each digit's images against DDIM-50 of the second half
+  and the reverse, averaged (independent noise without a second set),
 * ``psnr``: PSNR against those DDIM-50 images,
 
 on nested subsets (the first ``n`` images of each digit, ``--subsets``), so that one run shows how the spread
@@ -87,6 +89,14 @@ def measure(images, feats, digits, ref_images, ref_feats, real_feats) -> dict:
             "psnr": metrics.psnr_db(images, ref_images)}
 
 
+def split_half_fd(feats: torch.Tensor, ref_feats: torch.Tensor, n: int) -> float:
+    """FD of the first half of each digit's ``n`` images against DDIM-50 of the second half, and the reverse, averaged:
+    an independent-noise reference inside one evaluation set (digit-major, ``n`` per digit)."""
+    a = torch.tensor([d * n + k for d in range(10) for k in range(n // 2)])
+    b = torch.tensor([d * n + k for d in range(10) for k in range(n // 2, 2 * (n // 2))])
+    return 0.5 * (frechet_distance(feats[a], ref_feats[b]) + frechet_distance(feats[b], ref_feats[a]))
+
+
 def bootstrap_sd(images, feats, digits, ref_images, ref_feats, real_feats, rounds: int, seed: int) -> dict:
     """Standard deviation of each number over ``rounds`` resamplings (with replacement, pairs kept) of the set."""
     gen = torch.Generator().manual_seed(seed)
@@ -99,7 +109,7 @@ def bootstrap_sd(images, feats, digits, ref_images, ref_feats, real_feats, round
 
 
 def summarise(rows: list[dict]) -> dict:
-    keys = ("accuracy", "fd_real", "fd_50", "fd_50x", "psnr")
+    keys = ("accuracy", "fd_real", "fd_50", "fd_50x", "fd_50h", "psnr")
     out = {}
     for k in (k for k in keys if k in rows[0]):
         vals = [r[k] for r in rows]
@@ -155,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                 digits = eval_set.digits[idx]
                 for s in args.steps:
                     row = measure(imgs[s][idx], feats[s][idx], digits, imgs[50][idx], feats[50][idx], real_feats)
+                    row["fd_50h"] = split_half_fd(feats[s][idx], feats[50][idx], n)
                     if args.bootstrap and n == subsets[-1]:
                         row["boot_sd"] = bootstrap_sd(imgs[s][idx], feats[s][idx], digits, imgs[50][idx],
                                                       feats[50][idx], real_feats, args.bootstrap, seed)
@@ -185,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"FD-real {m['fd_real']['mean']:7.3f}±{m['fd_real']['sd']:.3f}  "
                       f"FD-50 {m['fd_50']['mean']:7.3f}±{m['fd_50']['sd']:.3f}  "
                       + (f"FD-50x {m['fd_50x']['mean']:7.3f}±{m['fd_50x']['sd']:.3f}  " if 'fd_50x' in m else "")
+                      + f"FD-50h {m['fd_50h']['mean']:7.3f}±{m['fd_50h']['sd']:.3f}  "
                       + f"PSNR {m['psnr']['mean']:6.2f}±{m['psnr']['sd']:.2f}")
     print(f"\nreal vs real FD: {result['real_vs_real_fd']}\nwrote {out_path} in {result['seconds']} s")
     return result
