@@ -15,17 +15,25 @@ from pathlib import Path
 __all__ = ["bench", "make_reference_folder", "bench_vs_nbgrader", "make_mixed_folder", "plain_nbgrader"]
 
 
-def make_reference_folder(dest: str | Path, copies: int, source_dir: str | Path,
-                          assignments: Iterable[str] | None = None) -> int:
-    """Write ``dest/student-XX/<assignment>/`` reference submissions; return how many."""
-    from autograder.testing import CourseFiles, reference_case
+def _released(dest: Path, source_dir: str | Path, assignments: Iterable[str] | None):
+    """The course released next to ``dest`` and the chosen assignments (default: all); unknown ones refused."""
+    from autograder.testing import CourseFiles
 
-    dest = Path(dest)
     course = CourseFiles.build(source_dir, dest.parent / f"{dest.name}-release")
     chosen = list(assignments) if assignments else list(course.reference)
     unknown = [a for a in chosen if a not in course.reference]
     if unknown:
         raise KeyError(f"No assignment {unknown} in {source_dir}; it has {list(course.reference)}")
+    return course, chosen
+
+
+def make_reference_folder(dest: str | Path, copies: int, source_dir: str | Path,
+                          assignments: Iterable[str] | None = None) -> int:
+    """Write ``dest/student-XX/<assignment>/`` reference submissions; return how many."""
+    from autograder.testing import reference_case
+
+    dest = Path(dest)
+    course, chosen = _released(dest, source_dir, assignments)
     for k in range(copies):
         for a in chosen:
             course.write(dest / f"student-{k:02d}" / a, reference_case(course, a))
@@ -104,14 +112,10 @@ def make_mixed_folder(dest: str | Path, copies: int, source_dir: str | Path,
                       assignments: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
     """``dest/<case>-XX/<assignment>/``: ``copies`` reference students and as many of each faulty case; return
     (student, assignment, case) of every submission."""
-    from autograder.testing import CourseFiles, reference_case
+    from autograder.testing import reference_case
 
     dest = Path(dest)
-    course = CourseFiles.build(source_dir, dest.parent / f"{dest.name}-release")
-    chosen = list(assignments) if assignments else list(course.reference)
-    unknown = [a for a in chosen if a not in course.reference]
-    if unknown:
-        raise KeyError(f"No assignment {unknown} in {source_dir}; it has {list(course.reference)}")
+    course, chosen = _released(dest, source_dir, assignments)
     cases = {"reference": reference_case, **_faulty_cases()}
     made = []
     for k in range(copies):
