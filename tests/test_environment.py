@@ -1,6 +1,7 @@
 """environment.yml is a thin wrapper around pyproject.toml and constraints.txt: one list of dependencies, one lock."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -50,7 +51,7 @@ def test_torch_pinned_exactly_in_the_lock_and_as_a_range_in_pyproject():
     """pyproject.toml gives a range (the GPU host has torch 2.11); the lock pins the exact CPU-tested version,
     which is what keeps pip from pulling a newer multi-GB CUDA build when it installs with the lock."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert [d for d in deps if d.startswith("torch")] == ["torch>=2.11"]
+    assert [d for d in deps if re.match(r"torch\b(?![-\w])", d)] == ["torch>=2.11"]
     lock = (ROOT / "constraints.txt").read_text().splitlines()
     assert [line for line in lock if line.startswith("torch==")] == ["torch==2.13.0"]
 
