@@ -360,11 +360,10 @@ def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None,
     return images, seconds
 
 
-def _distances(key: str, net, images: torch.Tensor, other: torch.Tensor, against: str) -> dict[str, Metric]:
-    """``fd_<key>`` and ``kid_<key>`` of ``images``' features against ``other`` (features) with :mod:`helpers.fid`."""
+def _distances(key: str, net, ours: torch.Tensor, other: torch.Tensor, against: str) -> dict[str, Metric]:
+    """``fd_<key>`` and ``kid_<key>`` of the sampler's features ``ours`` against ``other`` with :mod:`helpers.fid`."""
     from helpers.fid import frechet_distance, kernel_distance
 
-    ours = net.features(images)
     fd = frechet_distance(ours, other)
     kid, kid_std = kernel_distance(ours, other)
     common = dict(images=len(ours), network=net.name, against=against, reference_images=len(other))
@@ -404,10 +403,11 @@ def measure(images: torch.Tensor, eval_set: EvalSet, reference: torch.Tensor | N
         ["fd_real", "kid_real"] if eval_set.real is not None else [])
     if net is None:
         return {**out, **_skipped(keys, n, why)}
+    ours = net.features(images)  # once, for both comparisons
     if reference is not None:
-        out.update(_distances("teacher", net, images, net.features(reference), REFERENCE_NAME))
+        out.update(_distances("teacher", net, ours, net.features(reference), REFERENCE_NAME))
     if eval_set.real is not None:
-        out.update(_distances("real", net, images, eval_set.real.features(net), eval_set.real.description))
+        out.update(_distances("real", net, ours, eval_set.real.features(net), eval_set.real.description))
     return out
 
 
