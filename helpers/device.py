@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["pick_device", "pick_dtype", "cpu_name"]
+__all__ = ["pick_device", "pick_dtype", "cpu_name", "gpu_memory_gib", "SMALL_GPU_GIB", "BIG_GPU_GIB",
+           "use_expandable_segments"]
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -41,6 +42,42 @@ def pick_dtype(device: str | torch.device, override: str | torch.dtype | None = 
         except KeyError:
             raise ValueError(f"Unknown dtype {override!r}: use one of {sorted(_DTYPES)}") from None
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# What the kit sizes for: under 20 GiB a T4-class card (the ``low-memory`` profile, VAE slicing, small batches);
+# from 40 GiB an A100/H100/H200-class card (the ``fast`` profile, larger evaluation batches).
+SMALL_GPU_GIB = 20.0
+BIG_GPU_GIB = 40.0
+
+
+def gpu_memory_gib(device: str | torch.device | None = None) -> float | None:
+    """The GPU memory this process may use, in GiB: the card's total memory, or less where PyTorch was capped with
+    ``torch.cuda.set_per_process_memory_fraction`` (a shared card; a T4 rehearsed on a big GPU). ``None`` without
+    CUDA or for a non-CUDA ``device``. Profiles and batch sizes are chosen from this, not from the card's size."""
+    if not torch.cuda.is_available():
+        return None
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
+    fraction = float(get_fraction(index)) if get_fraction is not None else 1.0
+    return total * min(1.0, fraction) / 2**30
+
+
+def use_expandable_segments() -> bool:
+    """Let the CUDA caching allocator grow its segments instead of keeping fixed blocks (PyTorch's
+    ``expandable_segments``): on a small GPU the fragments left between differently sized tensors (encoding, the
+    phases, the evaluation) otherwise push the *reserved* memory, which decides an out-of-memory error, towards
+    the card's limit. Takes effect for allocations from now on; ``False`` where the allocator lacks the option."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def cpu_name() -> str:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from helpers.config import KitConfig
+from helpers.device import BIG_GPU_GIB, SMALL_GPU_GIB, gpu_memory_gib
 
 __all__ = ["EvalSet", "RealImages", "Metric", "SamplerRecord", "EvalResult", "Sampler", "COURSE_PROMPTS",
            "DEFAULT_EVAL_IMAGES", "eval_kind", "eval_size", "make_eval_set", "default_batch_size", "pipeline_sampler",
@@ -242,14 +243,10 @@ def default_batch_size(pipe) -> int:
     overhead per image) and 8 otherwise."""
     if pipe.unet.config.sample_size <= 32:
         return 100
-    device = pipe.unet.device
-    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= BIG_GPU_GIB * 2**30:
+    usable = gpu_memory_gib(pipe.unet.device)
+    if usable is not None and usable >= BIG_GPU_GIB:
         return 16
     return 8
-
-
-BIG_GPU_GIB = 40.0  # as helpers.training.FAST_FROM_GIB
-SMALL_GPU_GIB = 20.0  # as helpers.training.LOW_MEMORY_BELOW_GIB
 
 
 @contextmanager
@@ -284,7 +281,7 @@ def _inference_context(pipe) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    small = torch.cuda.get_device_properties(device).total_memory < SMALL_GPU_GIB * 2**30
+    small = (gpu_memory_gib(device) or 0.0) < SMALL_GPU_GIB
     slicing = getattr(pipe.vae, "use_slicing", False)
     pipe.vae.use_slicing = slicing or small  # a small GPU (T4) decodes one image at a time: 1/8 of the memory
     try:

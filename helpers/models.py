@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from helpers.config import KitConfig, restore_hint
-from helpers.device import pick_device, pick_dtype
+from helpers.device import SMALL_GPU_GIB, gpu_memory_gib, pick_device, pick_dtype, use_expandable_segments
 
 __all__ = ["SD15_MODEL_ID", "ModelSpec", "resolve_model", "load_course_pipeline", "use_trailing_ddim",
            "describe_setup"]
@@ -102,6 +102,8 @@ def load_course_pipeline(config: KitConfig, device: str | torch.device | None = 
             f"Set {ENV_VAR}=small to use the kit's offline model."
         )
         raise OSError(hint) from err
+    if (gpu_memory_gib(device) or float("inf")) < SMALL_GPU_GIB:
+        use_expandable_segments()  # a T4: no fragmented reserved memory from the first allocation on
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return use_trailing_ddim(pipe)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -135,18 +136,22 @@ def build_pipeline(configs: dict[str, dict[str, Any]], device: torch.device, dty
     return use_trailing_ddim(pipe)
 
 
-def write_pipeline(out: str | Path, size: str = "full", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def write_pipeline(out: str | Path, size: str = "full", seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Path:
     """Save a random-weight pipeline of SD1.5's shape (``size="full"``) or the tiny one (``"small"``) to ``out``
     with ``save_pretrained`` (safetensors; the scheduler saved with SD1.5's own config, i.e. as the Hub's
-    ``scheduler/`` folder, since the kit swaps in trailing spacing when it loads). Returns the folder."""
+    ``scheduler/`` folder, since the kit swaps in trailing spacing when it loads). ``device="cuda"`` draws the
+    random weights on the GPU (seconds instead of a minute of CPU time for SD1.5's 1.07 billion parameters; the
+    same distributions, other numbers). Returns the folder."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     from diffusers import DDIMScheduler
 
     out = Path(out)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        pipe = build_pipeline(model_configs(size == "small"), torch.device("cpu"), dtype)
+        pipe = build_pipeline(model_configs(size == "small"), device, dtype)
     pipe.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
     pipe.save_pretrained(out, safe_serialization=True)
     # transformers 5 writes only tokenizer.json; vocab.json + merges.txt let older transformers load it too
@@ -190,24 +195,41 @@ def caption_image(shape: str, colour: str, background: str, size: int, rng: np.r
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def write_caption_folder(out: str | Path, images: int = 100, size: int = 512, seed: int = 0) -> Path:
+def _write_image(job: tuple[Path, str, str, str, int, int, int]) -> None:
+    path, shape, colour, background, size, seed, index = job
+    caption_image(shape, colour, background, size, np.random.default_rng([seed, index])).save(path)
+
+
+def write_caption_folder(out: str | Path, images: int = 100, size: int = 512, seed: int = 0,
+                         workers: int | None = None) -> Path:
     """Write ``images`` generated images (PNG, ``size`` pixels) and a ``metadata.csv`` (``file_name,text``;
     captions like "a red circle on a blue background") to ``out``: an image-caption folder as
-    :func:`helpers.captions_data.load_image_caption_folder` reads it. Seeded; returns the folder."""
+    :func:`helpers.captions_data.load_image_caption_folder` reads it. Seeded (each image from its own seed, so the
+    folder is the same for any number of ``workers``: processes drawing and writing the images, default one per
+    CPU core for more than 64 images); returns the folder."""
     if images < 1 or size < 8:
         raise ValueError(f"need at least 1 image of at least 8 pixels, got images={images}, size={size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = list(COLOURS)
-    rows = []
+    rows, jobs = [], []
     for i in range(images):
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour, background = (names[j] for j in rng.choice(len(names), 2, replace=False))
         name = f"{i:05d}.png"
-        caption_image(shape, colour, background, size, rng).save(out / name)
+        jobs.append((out / name, shape, colour, background, size, seed, i))
         article = "an" if colour[0] in "aeiou" else "a"
         rows.append((name, f"{article} {colour} {shape} on a {background} background"))
+    workers = workers if workers is not None else (min(16, os.cpu_count() or 1) if images > 64 else 1)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_image, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _write_image(job)
     with open(out / "metadata.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file_name", "text"])

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from helpers.config import KitConfig
+from helpers.device import BIG_GPU_GIB, SMALL_GPU_GIB, gpu_memory_gib, use_expandable_segments
 
 __all__ = ["SD15_LORA_TARGETS", "PROFILES", "PROFILE_ENV_VAR", "TrainSettings", "settings_for", "pick_profile",
            "SharedBaseTeacher", "make_teacher", "load_trained_unet", "lora_config", "run_settings", "num_phase_steps",
@@ -83,8 +84,8 @@ class TrainSettings:
 #               checkpointing; SD1.5 at batch 8 peaks at 10.5 GiB (H100, 2026-11-26) instead of 14.5 GiB.
 PROFILES = ("course", "fast", "low-memory")
 PROFILE_ENV_VAR = KitConfig.env_var("train_profile")
-LOW_MEMORY_BELOW_GIB = 20.0
-FAST_FROM_GIB = 40.0
+LOW_MEMORY_BELOW_GIB = SMALL_GPU_GIB
+FAST_FROM_GIB = BIG_GPU_GIB
 
 
 def pick_profile(profile: str | None = None) -> str:
@@ -93,8 +94,7 @@ def pick_profile(profile: str | None = None) -> str:
     ``course`` otherwise (between the two, and on the CPU)."""
     profile = profile or None
     if profile is None:
-        gib = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-               if torch.cuda.is_available() else None)
+        gib = gpu_memory_gib()
         profile = ("course" if gib is None else "low-memory" if gib < LOW_MEMORY_BELOW_GIB
                    else "fast" if gib >= FAST_FROM_GIB else "course")
     if profile not in PROFILES:
@@ -297,14 +297,9 @@ def _adapter_in_fp32(unet: torch.nn.Module, name: str) -> None:
 
 
 def _expandable_cuda_segments() -> None:
-    """Let the CUDA allocator grow its segments instead of keeping fixed blocks (PyTorch's
-    ``expandable_segments``): on a small GPU the fragments between the phases' and evaluations' differently
-    sized tensors otherwise push the reserved memory towards the card's limit. Takes effect for new allocations."""
-    if torch.cuda.is_available():
-        try:
-            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-        except (AttributeError, RuntimeError) as err:  # an allocator without the option: only the peak suffers
-            warnings.warn(f"could not switch on expandable CUDA segments ({err})", RuntimeWarning, stacklevel=3)
+    """:func:`helpers.device.use_expandable_segments`, with a warning where the allocator lacks the option."""
+    if torch.cuda.is_available() and not use_expandable_segments():  # only the peak suffers
+        warnings.warn("could not switch on expandable CUDA segments", RuntimeWarning, stacklevel=3)
 
 
 def _release_cached_memory() -> None:

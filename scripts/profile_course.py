@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ GIB = 2**30
 
 
 # --- The inputs ---------------------------------------------------------------------------------------------
-def build_inputs(work: Path, tiny: bool, images: int) -> tuple[Path, Path]:
+def build_inputs(work: Path, tiny: bool, images: int, device: torch.device) -> tuple[Path, Path]:
     """An SD1.5-shaped (or tiny) random-weight pipeline folder and a caption folder of ``images`` generated
     pictures under ``work`` (:mod:`helpers.sd15_shaped`, as ``python -m helpers.commands.sd15_shaped`` writes
     them); reused when present."""
@@ -63,7 +64,7 @@ def build_inputs(work: Path, tiny: bool, images: int) -> tuple[Path, Path]:
 
     model_dir, data_dir = work / ("tiny-sd" if tiny else "sd15-shaped"), work / f"captions-{images}"
     if not (model_dir / "model_index.json").exists():
-        write_pipeline(model_dir, "small" if tiny else "full", seed=0, dtype=torch.float16)
+        write_pipeline(model_dir, "small" if tiny else "full", seed=0, dtype=torch.float16, device=device)
     if not (data_dir / "metadata.csv").exists():
         write_caption_folder(data_dir, images, image_size(model_configs(tiny)), seed=0)
     return model_dir, data_dir
@@ -330,6 +331,119 @@ def sample_eval_path(pipe, consistency_sampling, case: PhaseCase, device: torch.
     return results
 
 
+# --- The evaluation path, variant by variant ----------------------------------------------------------------
+EVAL_VARIANTS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("kit", (16, 32, 64)),
+    ("cudnn", (32,)),
+    ("vae-cl", (32,)),
+    ("cudnn+vae-cl", (32,)),
+    ("cudnn+lora-fp16", (32,)),
+    ("cudnn+fused", (32, 64)),
+    ("cudnn+compile-vae", (32,)),
+    ("cudnn+compile-vae+regional-unet", (32,)),
+    ("cudnn+compile-vae+compile-unet", (32,)),
+)
+
+
+@contextmanager
+def eval_variant(pipe, name: str):
+    """The evaluation path with changes, each undone afterwards: ``cudnn`` autotuning, the VAE in channels_last
+    (``vae-cl``), the LoRA weights in fp16 while sampling (``lora-fp16``, fp32 values restored), the adapter merged
+    into the base (``fused``, peft's merge / unmerge), ``torch.compile`` of the VAE decoder (``compile-vae``), of the
+    UNet's repeated transformer blocks (``regional-unet``, diffusers' ``compile_repeated_blocks``) or of the whole
+    UNet (``compile-unet``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    parts = set(name.split("+")) - {"kit"}
+    unet, vae = pipe.unet, pipe.vae
+    undo = []
+    torch.backends.cudnn.benchmark = "cudnn" in parts
+    if "vae-cl" in parts:
+        vae.to(memory_format=torch.channels_last)
+        undo.append(lambda: vae.to(memory_format=torch.contiguous_format))
+    if "lora-fp16" in parts:
+        saved = {n: q.data for n, q in unet.named_parameters() if "lora_" in n}
+        for n, q in unet.named_parameters():
+            if n in saved:
+                q.data = q.data.half()
+        def restore():
+            for n, q in unet.named_parameters():
+                if n in saved:
+                    q.data = saved[n]
+        undo.append(restore)
+    if "fused" in parts:
+        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        for m in layers:
+            m.merge()
+        undo.append(lambda: [m.unmerge() for m in layers])
+    compiled = []
+    if "compile-vae" in parts:
+        compiled.append(vae.decoder)
+    if "regional-unet" in parts:
+        compiled += [m for m in unet.modules() if m.__class__.__name__ in unet._repeated_blocks]
+    if "compile-unet" in parts:
+        compiled.append(unet)
+    if compiled:
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    for m in compiled:
+        m.compile()
+    undo.append(lambda: [setattr(m, "_compiled_call_impl", None) for m in compiled])
+    try:
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()
+        torch.backends.cudnn.benchmark = False
+        try:
+            torch.compiler.reset()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def eval_variants(model_dir: Path, data_dir: Path, work: Path, device: torch.device, tiny: bool,
+                  only: list[str] | None = None, images: int = 128) -> dict[str, Any]:
+    """4-step ``consistency_sampling`` through ``evaluation.generate`` (the notebooks' evaluation path) with a
+    rank-64 adapter, in the ``fast`` profile, for each of :data:`EVAL_VARIANTS`: the first call apart (cuDNN
+    autotuning, compilation), then ``images`` images timed; images/s and peak memory."""
+    release(device)
+    config = kit_config(model_dir, data_dir, work, "fast", device)
+    spec = resolve_model(config.model)
+    pipe = load_course_pipeline(config)
+    settings = training.run_settings(spec.kind, config)
+    training.start_phase(pipe.unet, "cd", settings)
+    pipe.unet.eval()
+    sampler = evaluation.function_sampler(reference("consistency_sampling"), pipe, num_inference_steps=4)
+    full = evaluation.make_eval_set(pipe, per_digit=max(1, images // 10))
+    out: dict[str, Any] = {"images": images, "variants": []}
+    for name, batches in EVAL_VARIANTS:
+        if only and name not in only:
+            continue
+        for batch in batches if not tiny else (2,):
+            n = max(batch, images // batch * batch) if not tiny else 4
+            eval_set = replace(full, prompts=full.prompts[:n], latents=full.latents[:n],
+                               digits=full.digits[:n] if full.digits is not None else None)
+            first = replace(eval_set, prompts=eval_set.prompts[:batch], latents=eval_set.latents[:batch],
+                            digits=eval_set.digits[:batch] if eval_set.digits is not None else None)
+            rec: dict[str, Any] = {"variant": name, "batch": batch, "images": n}
+            try:
+                with eval_variant(pipe, name):
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    t = time.perf_counter()
+                    evaluation.generate(sampler, first, batch, progress=False)
+                    sync(device)
+                    rec["first_call_s"] = round(time.perf_counter() - t, 2)
+                    _, seconds = evaluation.generate(sampler, eval_set, batch, progress=False)
+                    rec.update(seconds=round(seconds, 3), images_per_s=round(n / seconds, 2), **memory(device))
+            except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
+                rec["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            out["variants"].append(rec)
+            print(f"    eval {name} b{batch}: {rec.get('images_per_s')} img/s, first call {rec.get('first_call_s')} s "
+                  f"{rec.get('error', '')}", flush=True)
+    del pipe
+    return out
+
+
 def vae_decode(model_dir: Path, device: torch.device, tiny: bool) -> dict[str, Any]:
     """The VAE decode of the evaluation alone: seconds per call and peak memory at batch 8 and 16, in its own
     fp16 and under fp16 autocast (what the evaluation did before ``vae_decode_outside_autocast``), with and
@@ -411,7 +525,13 @@ def run_notebooks(profile: str, model_dir: Path, data_dir: Path, work: Path, red
     cmd = [sys.executable, "-m", "helpers.commands.reference_run", "--model", str(model_dir), "--out", str(out_dir),
            "--only", "04,05"] + (["--reduced"] if reduced else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:  # keep what the cells logged: where the time went
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        proc = subprocess.CompletedProcess(cmd, returncode=f"timeout after {timeout_s:.0f} s",
+                                           stdout=text(err.stdout), stderr=text(err.stderr))
     wall = time.perf_counter() - t0
     metrics = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").exists() else {}
     cells = [json.loads(line) for line in memlog.read_text().splitlines()] if memlog.exists() else []
@@ -446,6 +566,7 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
                 ("phase", PhaseCase("fast-multi", "fast", phase="multi_cd", steps=2, warmup=1, profiled_steps=0,
                                     fixed_batch_steps=0, foreach_optimizer=True), 5),
                 ("vae", None, 5),
+                ("eval", None, 10),
                 ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": None}, 60)]
     if name == "diagnose":
         return [
@@ -465,17 +586,21 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
             ("phase", PhaseCase("fast-regional-compile", "fast", steps=12, warmup=4, profiled_steps=1,
                                 fixed_batch_steps=0, regional_compile=True), 150),
         ]
+    if name == "eval":  # a T4 rehearsal of 04 and 05, then the evaluation path's variants
+        return [("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5}, 170),
+                ("eval", None, 200)]
     if name == "final":
         return [("notebooks", {"profile": "fast", "reduced": False, "cap_gib": None}, 260),
                 ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5}, 170)]
-    raise ValueError(f"unknown plan {name!r}: tiny, diagnose or final")
+    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval or final")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for the pipeline, captions, runs, profiles")
     p.add_argument("--out", type=Path, required=True, help="JSON written after every part")
-    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | final")
+    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | final")
+    p.add_argument("--eval-variants", nargs="*", default=None, help="names of EVAL_VARIANTS to run (default: all)")
     p.add_argument("--only", nargs="*", default=None, help="names of the plan's parts to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny pipeline (CPU tests)")
     p.add_argument("--images", type=int, default=1600, help="generated training images (1600 = 100 steps of 16)")
@@ -495,11 +620,12 @@ def main(argv: list[str] | None = None) -> int:
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": []}
     t0 = time.perf_counter()
-    model_dir, data_dir = build_inputs(args.work, args.tiny, args.images)
+    model_dir, data_dir = build_inputs(args.work, args.tiny, args.images, device)
     result["build_s"] = round(time.perf_counter() - t0, 1)
     print(f"[{time.perf_counter() - start:5.0f} s] inputs ready: {model_dir}, {data_dir}", flush=True)
     for kind, what, estimate in plan(args.plan):
-        name = what.name if kind == "phase" else "vae-decode" if kind == "vae" else f"notebooks-{what['profile']}"
+        name = (what.name if kind == "phase" else "vae-decode" if kind == "vae" else "eval-variants" if kind == "eval"
+                else f"notebooks-{what['profile']}")
         if args.only and name not in args.only:
             continue
         left = args.budget_s - (time.perf_counter() - start)
@@ -513,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                 rec = run_phase(what, model_dir, data_dir, args.work, device)
             elif kind == "vae":
                 rec = {"decode": vae_decode(model_dir, device, args.tiny)}
+            elif kind == "eval":
+                rec = eval_variants(model_dir, data_dir, args.work, device, args.tiny, args.eval_variants)
             else:
                 rec = run_notebooks(what["profile"], model_dir, data_dir, args.work, what["reduced"], what["cap_gib"],
                                     timeout_s=max(30.0, left - 10))
@@ -538,6 +666,8 @@ def summary_line(rec: dict[str, Any]) -> str:
     """One line per part for the log."""
     if rec["status"] != "ok":
         return rec["status"]
+    if "variants" in rec:
+        return " ".join(f"{v['variant']}@{v['batch']}={v.get('images_per_s', v.get('error'))}" for v in rec["variants"])
     if "decode" in rec:
         return " ".join(f"{k}={v['images_per_s']}img/s,{v['peak_allocated_gib']}GiB" for k, v in rec["decode"].items())
     if "step" in rec:

@@ -82,3 +82,16 @@ def test_command_refuses_a_folder_that_is_not_empty(written, capsys):
 def test_write_pipeline_rejects_an_unknown_size(tmp_path):
     with pytest.raises(ValueError, match="size must be one of"):
         shaped.write_pipeline(tmp_path / "p", size="medium")
+
+
+def test_caption_folder_is_the_same_with_worker_processes(tmp_path):
+    """Each image has its own seed: the folder does not depend on how many processes wrote it."""
+    one = shaped.write_caption_folder(tmp_path / "one", images=5, size=16, seed=3, workers=1)
+    two = shaped.write_caption_folder(tmp_path / "two", images=5, size=16, seed=3, workers=2)
+    assert (one / "metadata.csv").read_text() == (two / "metadata.csv").read_text()
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert len(names) == 5
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+    other = shaped.write_caption_folder(tmp_path / "other", images=5, size=16, seed=4, workers=1)
+    assert (other / names[0]).read_bytes() != (one / names[0]).read_bytes()

@@ -78,6 +78,33 @@ def test_profiles(make_config):
         assert training.pick_profile() == "course"
 
 
+@pytest.mark.parametrize("total_gib, fraction, profile, eval_batch", [
+    (141.0, 1.0, "fast", 16),          # an H200
+    (141.0, 14.5 / 141.0, "low-memory", 8),  # the same card capped to a T4's usable memory
+    (15.0, 1.0, "low-memory", 8),      # a T4
+    (24.0, 1.0, "course", 8),          # between the two (an L4, a 3090)
+])
+def test_profile_and_batches_follow_the_usable_gpu_memory(monkeypatch, total_gib, fraction, profile, eval_batch):
+    """A cap set with torch.cuda.set_per_process_memory_fraction (a shared card, a T4 rehearsed on a big GPU) is
+    what the kit sizes for, not the card's total memory."""
+    from types import SimpleNamespace
+
+    from helpers import device as kit_device
+    from helpers import evaluation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(total_memory=int(total_gib * 2**30)))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: fraction, raising=False)
+    assert kit_device.gpu_memory_gib() == pytest.approx(total_gib * fraction)
+    assert kit_device.gpu_memory_gib("cpu") is None
+    assert training.pick_profile() == profile
+    big_latents = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=64),
+                                                       device=torch.device("cuda", 0)))
+    assert evaluation.default_batch_size(big_latents) == eval_batch
+
+
 def test_shared_teacher_is_the_base_without_adapters():
     pipe = tiny_pipeline()
     unet = pipe.unet
