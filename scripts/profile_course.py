@@ -508,7 +508,7 @@ get_ipython().events.register("post_run_cell", _post)
 
 
 def run_notebooks(profile: str, model_dir: Path, data_dir: Path, work: Path, reduced: bool, cap_gib: float | None,
-                  timeout_s: float) -> dict[str, Any]:
+                  timeout_s: float, only: str = "04,05") -> dict[str, Any]:
     """Notebooks 04 and 05 through the reference run, with the per-cell memory hook in the kernels."""
     tag = f"nb-{profile}-{'reduced' if reduced else 'full'}" + (f"-cap{cap_gib:g}" if cap_gib else "")
     ipython = work / tag / "ipython"
@@ -523,7 +523,7 @@ def run_notebooks(profile: str, model_dir: Path, data_dir: Path, work: Path, red
         env["PROFILE_COURSE_CAP_GIB"] = str(cap_gib)
     out_dir = work / tag / "run"
     cmd = [sys.executable, "-m", "helpers.commands.reference_run", "--model", str(model_dir), "--out", str(out_dir),
-           "--only", "04,05"] + (["--reduced"] if reduced else [])
+           "--only", only] + (["--reduced"] if reduced else [])
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -591,7 +591,7 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
                 ("eval", None, 200)]
     if name == "final":
         return [("notebooks", {"profile": "fast", "reduced": False, "cap_gib": None}, 260),
-                ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5}, 170)]
+                ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5, "only": "05"}, 80)]
     raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval or final")
 
 
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = eval_variants(model_dir, data_dir, args.work, device, args.tiny, args.eval_variants)
             else:
                 rec = run_notebooks(what["profile"], model_dir, data_dir, args.work, what["reduced"], what["cap_gib"],
-                                    timeout_s=max(30.0, left - 10))
+                                    timeout_s=max(30.0, left - 10), only=what.get("only", "04,05"))
             rec = {"part": name, "status": "ok", **rec}
         except Exception as err:  # one failing part must not lose the others
             import traceback

@@ -79,10 +79,11 @@ def test_profiles(make_config):
 
 
 @pytest.mark.parametrize("total_gib, fraction, profile, eval_batch", [
-    (141.0, 1.0, "fast", 16),          # an H200
+    (141.0, 1.0, "fast", 64),          # an H200
     (141.0, 14.5 / 141.0, "low-memory", 8),  # the same card capped to a T4's usable memory
     (15.0, 1.0, "low-memory", 8),      # a T4
     (24.0, 1.0, "course", 8),          # between the two (an L4, a 3090)
+    (48.0, 1.0, "fast", 32),           # an L40S, an A6000
 ])
 def test_profile_and_batches_follow_the_usable_gpu_memory(monkeypatch, total_gib, fraction, profile, eval_batch):
     """A cap set with torch.cuda.set_per_process_memory_fraction (a shared card, a T4 rehearsed on a big GPU) is
@@ -636,3 +637,26 @@ def test_vae_decode_outside_autocast_runs_the_vae_in_its_own_dtype():
 
 def test_default_evaluation_batch():
     assert evaluation.default_batch_size(tiny_pipeline()) == 100  # small latents: the whole set at once
+
+
+def test_fused_adapters_sample_as_the_unfused_student_and_restore_the_base_exactly():
+    """Merged for sampling, the student computes what the unfused one does; afterwards the base (the shared
+    teacher) is bit for bit what it was, and inside adapters_disabled nothing is merged."""
+    pipe = tiny_pipeline()
+    unet = pipe.unet
+    training.start_phase(unet, "cd", SMALL)
+    with torch.no_grad():
+        for p in training.trainable_parameters(unet):
+            p.add_(0.05)  # a trained adapter
+    probe = _probe(pipe)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    student = _out(unet, probe)
+    with training.adapters_disabled(unet):
+        base = _out(unet, probe)
+    with training.fused_adapters(unet):
+        assert torch.allclose(_out(unet, probe), student, atol=1e-5)
+        assert not torch.allclose(_out(unet, probe), base)
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
+    assert torch.equal(_out(unet, probe), student)
+    with training.adapters_disabled(unet), training.fused_adapters(unet):
+        assert torch.equal(_out(unet, probe), base), "the teacher's calls must not get the adapter merged in"
