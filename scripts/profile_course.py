@@ -338,7 +338,8 @@ EVAL_VARIANTS: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("vae-cl", (32,)),
     ("cudnn+vae-cl", (32,)),
     ("cudnn+lora-fp16", (32,)),
-    ("cudnn+fused", (32, 64)),
+    ("cudnn+fused", (32, 64, 128)),
+    ("cudnn+fused+compile-vae", (64,)),
     ("cudnn+compile-vae", (32,)),
     ("cudnn+compile-vae+regional-unet", (32,)),
     ("cudnn+compile-vae+compile-unet", (32,)),
@@ -589,17 +590,20 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
     if name == "eval":  # a T4 rehearsal of 04 and 05, then the evaluation path's variants
         return [("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5}, 170),
                 ("eval", None, 200)]
+    if name == "course":  # the course profile's notebook-level memory, then the evaluation at larger batches
+        return [("notebooks", {"profile": "course", "reduced": True, "cap_gib": None}, 200),
+                ("eval", None, 120)]
     if name == "final":
         return [("notebooks", {"profile": "fast", "reduced": False, "cap_gib": None}, 260),
                 ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5, "only": "05"}, 80)]
-    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval or final")
+    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval, course or final")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for the pipeline, captions, runs, profiles")
     p.add_argument("--out", type=Path, required=True, help="JSON written after every part")
-    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | final")
+    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | course | final")
     p.add_argument("--eval-variants", nargs="*", default=None, help="names of EVAL_VARIANTS to run (default: all)")
     p.add_argument("--only", nargs="*", default=None, help="names of the plan's parts to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny pipeline (CPU tests)")
