@@ -282,29 +282,42 @@ def vae_decode_outside_autocast(pipe) -> Iterator[None]:
 
 @contextmanager
 def _inference_context(pipe) -> Iterator[None]:
-    """On CUDA: fp16 autocast for the UNet (the student is fp32 after training in the course profile, the rest of
-    the pipeline fp16), the VAE's decode outside it (:func:`vae_decode_outside_autocast`), cuDNN autotuning (the
-    evaluation's shapes repeat); on GPUs under 20 GiB the VAE decodes one image at a time (sliced), on GPUs from
-    40 GiB the student's adapter is merged into the base while sampling (:func:`helpers.training.fused_adapters`).
-    Measured on an H200 (docs/benchmarks.md): 4-step sampling at 512x512, 17.6 img/s at batch 16 before, 35.8 at
-    batch 64 with autotuning and the merged adapter. Nothing on the CPU. Every change is undone afterwards."""
-    from helpers.training import fused_adapters
-
+    """One sampler call on CUDA: fp16 autocast for the UNet (the student is fp32 after training in the course
+    profile, the rest of the pipeline fp16), the VAE's decode outside it (:func:`vae_decode_outside_autocast`),
+    and on GPUs under 20 GiB the VAE decoding one image at a time (sliced: 1/8 of the memory). Nothing on the CPU.
+    Undone afterwards."""
     device = pipe.unet.device
     if device.type != "cuda":
         yield
         return
-    usable = gpu_memory_gib(device) or 0.0
     slicing = getattr(pipe.vae, "use_slicing", False)
-    pipe.vae.use_slicing = slicing or usable < SMALL_GPU_GIB  # a T4 decodes one image at a time: 1/8 of the memory
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    fuse = fused_adapters(pipe.unet) if usable >= BIG_GPU_GIB else nullcontext()
+    pipe.vae.use_slicing = slicing or (gpu_memory_gib(device) or 0.0) < SMALL_GPU_GIB
     try:
-        with fuse, vae_decode_outside_autocast(pipe), torch.autocast("cuda", dtype=torch.float16):
+        with vae_decode_outside_autocast(pipe), torch.autocast("cuda", dtype=torch.float16):
             yield
     finally:
         pipe.vae.use_slicing = slicing
+
+
+@contextmanager
+def sampling_session(pipe) -> Iterator[None]:
+    """A whole evaluation run of one sampler (:func:`generate`) on CUDA: cuDNN autotuning (the shapes repeat), and
+    on GPUs from 40 GiB the student's adapter merged into the base once for all batches
+    (:func:`helpers.training.fused_adapters`; the base restored exactly afterwards). Measured on an H200
+    (docs/benchmarks.md): 4-step sampling at 512x512, 16.5 img/s at batch 16 unfused, 34.2 at batch 64 merged with
+    autotuning. Nothing for ``pipe=None`` or on the CPU. Undone afterwards."""
+    from helpers.training import fused_adapters
+
+    if pipe is None or pipe.unet.device.type != "cuda":
+        yield
+        return
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    fuse = fused_adapters(pipe.unet) if (gpu_memory_gib(pipe.unet.device) or 0.0) >= BIG_GPU_GIB else nullcontext()
+    try:
+        with fuse:
+            yield
+    finally:
         torch.backends.cudnn.benchmark = benchmark
 
 
@@ -331,6 +344,7 @@ def pipeline_sampler(pipe, num_inference_steps: int, guidance_scale: float) -> S
             out = pipe(prompt=list(prompts), latents=latents.to(device), num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, output_type="pt")
         return out.images.float().cpu()
+    sample.pipe = pipe  # for generate's sampling_session
     return sample
 
 
@@ -347,6 +361,7 @@ def function_sampler(fn: Callable, pipe, seed: int = 0, **kwargs) -> Sampler:
             raise ValueError(f"{getattr(fn, '__name__', fn)} with output_type='pt' must return a tensor of "
                              f"{len(prompts)} images, got {type(images).__name__}")
         return images.float().cpu()
+    sample.pipe = pipe  # for generate's sampling_session
     return sample
 
 
@@ -354,7 +369,8 @@ def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None,
              config: KitConfig | None = None, progress: bool = True) -> tuple[torch.Tensor, float]:
     """Run ``sampler`` over the evaluation set in batches; returns ``(images, seconds)``. One progress bar
     counts the images (``desc``, img/s); it writes to stdout while nbgrader runs (``config.grading``: a test
-    cell fails on stderr output), as :class:`helpers.answer_env.tqdm` does."""
+    cell fails on stderr output), as :class:`helpers.answer_env.tqdm` does. A sampler of :func:`pipeline_sampler`
+    or :func:`function_sampler` runs inside :func:`sampling_session` (its pipeline is ``sampler.pipe``)."""
     from tqdm.auto import tqdm
 
     batch_size = batch_size or len(eval_set)
@@ -363,7 +379,7 @@ def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None,
                file=sys.stdout if grading else None)
     start = time.perf_counter()
     chunks = []
-    with bar:
+    with bar, sampling_session(getattr(sampler, "pipe", None)):
         for i in range(0, len(eval_set), batch_size):
             chunks.append(sampler(eval_set.prompts[i:i + batch_size], eval_set.latents[i:i + batch_size]))
             bar.update(len(eval_set.prompts[i:i + batch_size]))

@@ -414,18 +414,18 @@ def eval_variants(model_dir: Path, data_dir: Path, work: Path, device: torch.dev
     training.start_phase(pipe.unet, "cd", settings)
     pipe.unet.eval()
     sampler = evaluation.function_sampler(reference("consistency_sampling"), pipe, num_inference_steps=4)
-    full = evaluation.make_eval_set(pipe, per_digit=max(1, images // 10))
+    full = evaluation.make_eval_set(pipe, per_digit=max(1, -(-images // 10)))  # at least ``images`` images
     out: dict[str, Any] = {"images": images, "variants": []}
     for name, batches in EVAL_VARIANTS:
         if only and name not in only:
             continue
         for batch in batches if not tiny else (2,):
-            n = max(batch, images // batch * batch) if not tiny else 4
+            n = min(len(full), max(batch, images // batch * batch)) if not tiny else 4
             eval_set = replace(full, prompts=full.prompts[:n], latents=full.latents[:n],
                                digits=full.digits[:n] if full.digits is not None else None)
             first = replace(eval_set, prompts=eval_set.prompts[:batch], latents=eval_set.latents[:batch],
                             digits=eval_set.digits[:batch] if eval_set.digits is not None else None)
-            rec: dict[str, Any] = {"variant": name, "batch": batch, "images": n}
+            rec: dict[str, Any] = {"variant": name, "batch": batch, "images": len(eval_set.prompts)}
             try:
                 with eval_variant(pipe, name):
                     if device.type == "cuda":
@@ -435,7 +435,8 @@ def eval_variants(model_dir: Path, data_dir: Path, work: Path, device: torch.dev
                     sync(device)
                     rec["first_call_s"] = round(time.perf_counter() - t, 2)
                     _, seconds = evaluation.generate(sampler, eval_set, batch, progress=False)
-                    rec.update(seconds=round(seconds, 3), images_per_s=round(n / seconds, 2), **memory(device))
+                    rec.update(seconds=round(seconds, 3), images_per_s=round(len(eval_set.prompts) / seconds, 2),
+                               **memory(device))
             except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
                 rec["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             out["variants"].append(rec)
