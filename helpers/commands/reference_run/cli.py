@@ -13,7 +13,7 @@ still writes the report of what ran.
 
 Output (``<out>/``): ``notebooks/`` (executed copies), ``metrics.json`` (what the notebooks recorded through
 :mod:`helpers.report`, plus this run's notebook timings, settings and environment), ``figures/`` and
-``report.md``. Each run starts afresh: these four are deleted first (nothing else in ``<out>`` is touched).
+``report.md``, and ``samples/`` (one row of each sampler's images, for the report's grid). Each run starts afresh: these are deleted first (nothing else in ``<out>`` is touched).
 The metrics are then checked for consistency; the exit status is 0 only when every notebook that exists
 ran and the checks pass. Missing notebooks are listed in the report but are not an error.
 """
