@@ -33,6 +33,7 @@ from helpers.commands.reference_run.execute import (NotebookResult, environment_
 from helpers.commands.reference_run.render import render_report
 from helpers.config import KitConfig
 from helpers.course import ASSIGNMENTS, KIT_ROOT
+from helpers.report import lesson_figures
 
 __all__ = ["DEFAULT_OUT", "RunOutcome", "run", "main"]
 
@@ -76,7 +77,7 @@ def run(model: str | None = None, out: str | Path = DEFAULT_OUT, reduced: bool =
                                           "traceback": r.traceback} for r in results},
                 environment=environment_info(config.device))
     metrics_path.write_text(json.dumps(data, indent=2, sort_keys=True))
-
+    lesson_figures(data, out)  # the steps-quality plot and the DDIM-4 / best student / DDIM-50 grid
     figures = sorted(p for p in (out / "figures").glob("*") if p.suffix.lower() in FIGURE_SUFFIXES)
     complete = len(assignments) == len(ASSIGNMENTS) and all(r.status == "ok" for r in results)
     problems = [f"{r.assignment} failed at {r.error} (traceback above, in report.md and in {out / r.notebook})"
