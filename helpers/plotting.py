@@ -89,6 +89,8 @@ def plot_steps_quality(teacher: Mapping[int, Mapping[str, float]], students: Map
                          + " has a value")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     markers = "osD^vP*X"
+    style = {name: (markers[j % len(markers)], f"C{j % 10}") for j, name in enumerate(students)}  # same in every panel
+    offset = {name: 1 + 0.06 * (j - (len(students) - 1) / 2) for j, name in enumerate(students)}
     for ax, (key, label, with_stochastic) in zip(axes[0], panels):
         steps = sorted(k for k, m in teacher.items() if m.get(key) is not None and not (key == "psnr_teacher" and k >= 50))
         if steps:
@@ -97,9 +99,8 @@ def plot_steps_quality(teacher: Mapping[int, Mapping[str, float]], students: Map
                         marker="o", capsize=3, label="teacher DDIM")
         shown = [(n, st, m) for n, (st, m) in students.items() if m.get(key) is not None
                  and (with_stochastic or n not in stochastic)]
-        for j, (name, st, m) in enumerate(shown):
-            ax.plot([st * (1 + 0.06 * (j - (len(shown) - 1) / 2))], [m[key]], markers[j % len(markers)],
-                    markersize=8, label=name)
+        for name, st, m in shown:
+            ax.plot([st * offset[name]], [m[key]], style[name][0], color=style[name][1], markersize=8, label=name)
         ax.set_xscale("log")
         ticks = sorted(set(steps) | {st for _, st, _ in shown})
         ax.set_xticks(ticks, [str(t) for t in ticks])

@@ -100,3 +100,11 @@ def test_lesson_figures_draw_the_plot_and_the_same_noise_grid_from_the_run_folde
     assert [p.name for p in report.lesson_figures(data, tmp_path)] == ["lesson_steps_quality.png"]
     assert report.lesson_figures({"samplers": {}}, tmp_path / "empty") == []
     assert re.match(r"teacher_ddim\d+$", "teacher_ddim50")
+
+
+def test_a_student_keeps_its_marker_and_colour_in_every_panel():
+    samplers = _samplers()
+    fig = plot_steps_quality(report.teacher_curve(samplers), report.students(samplers), None,
+                             report.STOCHASTIC_SAMPLERS)
+    looks = [{line.get_label(): (line.get_marker(), line.get_color()) for line in ax.lines} for ax in fig.axes]
+    assert looks[0]["multi_cd_4_matched"] == looks[2]["multi_cd_4_matched"] != looks[0]["cd_4"]
