@@ -60,8 +60,10 @@ class TrainSettings:
     phase_steps: dict = field(default_factory=dict)  # per-phase overrides of max_steps, e.g. {"multi_cd": 400}
     gradient_checkpointing: bool = False
     # "constant" (the course's recipe) or "cosine": decayed from learning_rate to 0 over the phase's steps
-    # (:func:`lr_schedule`, attached by :func:`start_phase` when it is told the number of steps).
+    # (:func:`lr_schedule`, attached by :func:`start_phase` when it is told the number of steps);
+    # phase_lr_schedule overrides it per phase, e.g. {"multi_cd": "cosine"}.
     lr_schedule: str = "constant"
+    phase_lr_schedule: dict = field(default_factory=dict)
     step_size: int = 20  # DDIM grid step of the loss (50-step teacher grid)
     guidance_scale: float = 7.5  # teacher guidance for CD
     huber_c: float = 0.001
@@ -121,8 +123,11 @@ def settings_for(kind: str, profile: str | None = None) -> TrainSettings:
         # Tuned for the shipped digits model on 2 CPU cores (docs/small_model.md, "The students at guidance
         # 7.5"): guidance 7.5 as the model recommends (its teacher_ddim50 reference uses the same), multi_cd
         # 600 steps with the learning rate cosine-decayed to 0 (+1.8 dB over DDIM-4, 57 % of the FD gap closed).
+        # ct/cd keep 150 steps at a constant rate: over 150 CD steps the cosine raised the FD against DDIM-50
+        # (0.210 against 0.177; scripts/explore_cd_schedule.py, docs/small_model.md).
         s = TrainSettings(batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3, lora_rank=16,
-                          max_steps=150, phase_steps={"multi_cd": 600}, guidance_scale=7.5, lr_schedule="cosine")
+                          max_steps=150, phase_steps={"multi_cd": 600}, guidance_scale=7.5,
+                          phase_lr_schedule={"multi_cd": "cosine"})
     else:
         raise ValueError(f"unknown model kind {kind!r}: use 'sd15', 'small' or 'custom'")
     chosen = pick_profile(profile)
@@ -328,16 +333,18 @@ def _release_cached_memory() -> None:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings, num_steps: int
+def lr_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings, num_steps: int, phase: str | None = None
                 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Attach the settings' learning-rate schedule to ``optimizer``: for ``"cosine"`` a ``LambdaLR`` with factor
+    """Attach the learning-rate schedule of ``phase`` (``settings.phase_lr_schedule[phase]``, else
+    ``settings.lr_schedule``) to ``optimizer``: for ``"cosine"`` a ``LambdaLR`` with factor
     ``(1 + cos(pi k / num_steps)) / 2`` at optimizer step ``k`` (full rate at the first step, close to 0 at the
     last), stepped after every ``optimizer.step()`` by an optimizer hook, so that any training loop gets it
     without a change (``train_loop`` is the student's). A step that GradScaler skips (inf/NaN gradients) does not
     advance it. Returns the scheduler (None for ``"constant"``)."""
-    if settings.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
-    if settings.lr_schedule == "constant":
+    schedule = settings.phase_lr_schedule.get(phase, settings.lr_schedule) if phase else settings.lr_schedule
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
         return None
     if num_steps < 1:
         raise ValueError(f"a cosine learning-rate schedule needs the phase's number of steps (>= 1), got {num_steps}")
@@ -367,7 +374,7 @@ def start_phase(unet: torch.nn.Module, name: str, settings: TrainSettings, repla
         raise RuntimeError(f"Parameters outside adapter {name!r} would be trained: {stray[:3]}")
     optimizer = make_optimizer(params, settings)
     if num_steps is not None:
-        lr_schedule(optimizer, settings, num_steps)
+        lr_schedule(optimizer, settings, num_steps, phase=name)
     return optimizer
 
 

@@ -113,7 +113,8 @@ def test_half_base_keeps_its_dtype_and_trains_fp32_lora():
 
 def test_the_small_model_distils_at_guidance_7_5_with_a_cosine_multi_cd_and_sd15_keeps_its_recipe():
     small, sd15 = training.settings_for("small"), training.settings_for("sd15")
-    assert small.guidance_scale == 7.5 and small.phase_steps == {"multi_cd": 600} and small.lr_schedule == "cosine"
+    assert small.guidance_scale == 7.5 and small.phase_steps == {"multi_cd": 600}
+    assert small.phase_lr_schedule == {"multi_cd": "cosine"} and small.lr_schedule == "constant", "ct/cd: constant"
     assert sd15.lr_schedule == "constant" and sd15.learning_rate == 1e-4  # the original recipe, unchanged
     from helpers.models import resolve_model
     assert resolve_model("small").guidance_scale == 7.5, "the teacher's references use the CD target's guidance"
@@ -164,7 +165,11 @@ def test_constant_schedule_and_start_phase_without_steps_keep_the_rate():
         opt.step()
         opt.zero_grad()
     assert opt.param_groups[0]["lr"] == SMALL.learning_rate
-    cosine = training.start_phase(pipe.unet, "cd", SMALL, num_steps=4)
+    held = training.start_phase(pipe.unet, "cd", SMALL, num_steps=4)  # the small model's cd: constant
+    pipe.unet(*probe[:2], encoder_hidden_states=probe[2]).sample.square().mean().backward()
+    held.step()
+    assert held.param_groups[0]["lr"] == SMALL.learning_rate
+    cosine = training.start_phase(pipe.unet, "multi_cd", SMALL, num_steps=4)
     pipe.unet(*probe[:2], encoder_hidden_states=probe[2]).sample.square().mean().backward()
     cosine.step()
     assert cosine.param_groups[0]["lr"] == pytest.approx(SMALL.learning_rate * 0.5 * (1 + math.cos(math.pi / 4)))
