@@ -178,13 +178,14 @@ def lesson_figures(data: dict[str, Any], folder: Path) -> list[Path]:
     import torch
 
     from helpers.evaluation import SAMPLES_DIR
-    from helpers.plotting import plot_steps_quality, show_images
+    from helpers.plotting import STEPS_PANELS, plot_steps_quality, show_images
 
     samplers = data.get("samplers") or {}
     folder = Path(folder)
     written: list[Path] = []
     curve = teacher_curve(samplers)
-    if curve:
+    keys = {key for key, _, _ in STEPS_PANELS}
+    if any(keys & set(m) for m in curve.values()):  # a run that recorded the teacher's DDIM with these metrics
         path = folder / "figures" / "lesson_steps_quality.png"
         fig = plot_steps_quality(curve, students(samplers), quoted_spread(samplers), STOCHASTIC_SAMPLERS, save_to=path)
         plt.close(fig)

@@ -99,6 +99,8 @@ def test_lesson_figures_draw_the_plot_and_the_same_noise_grid_from_the_run_folde
     (tmp_path / "figures" / "lesson_grid.png").unlink()
     assert [p.name for p in report.lesson_figures(data, tmp_path)] == ["lesson_steps_quality.png"]
     assert report.lesson_figures({"samplers": {}}, tmp_path / "empty") == []
+    bare = {"samplers": {"teacher_ddim4": {"steps": 4}, "cd_4": {"steps": 4}}}  # recorded without metrics
+    assert report.lesson_figures(bare, tmp_path / "bare") == []
     assert re.match(r"teacher_ddim\d+$", "teacher_ddim50")
 
 
