@@ -675,3 +675,11 @@ def test_vae_decode_outside_autocast_runs_the_vae_in_its_own_dtype():
 
 def test_default_evaluation_batch():
     assert evaluation.default_batch_size(tiny_pipeline()) == 100  # small latents: the whole set at once
+
+
+def test_eval_size_is_500_digits_by_default_and_eval_images_overrides(make_config):
+    assert evaluation.eval_size("digits", make_config()) == 500, "50 per digit: the 4-step FD gap is 12 x its spread"
+    assert evaluation.eval_size("captions", make_config()) == 100
+    assert evaluation.eval_size("digits", make_config(eval_images=200)) == 200
+    assert evaluation.eval_size("digits", make_config(reduced=True)) == 50, "CI's reduced run stays small"
+    assert evaluation.eval_size("digits", make_config(reduced=True, execution="autograde")) == 10
