@@ -7,8 +7,9 @@ tuned for the kit's small model. A training phase (``ct``, ``cd``, ``multi_cd``)
    checkpointing as the settings say (the original template forgot the fp32 cast and train mode);
 2. :func:`add_phase_adapter` — a *new* LoRA adapter for this phase, made the only active one (earlier
    adapters stay in the UNet, switched off, and are never overwritten by accident);
-3. :func:`make_optimizer` — a new AdamW over that adapter's weights only, with the learning-rate schedule of
-   the settings (:func:`lr_schedule`: constant, or cosine-decayed to 0 over the phase).
+3. :func:`make_optimizer` — a new AdamW over that adapter's weights only; given the phase's number of steps,
+   :func:`start_phase` attaches the phase's learning-rate schedule to it (:func:`lr_schedule`: constant, or
+   cosine-decayed to 0 over the phase, stepped by an optimizer hook so that any training loop gets it).
 
 :func:`start_phase` does all three. :func:`save_adapter` writes one adapter as a diffusers LoRA folder
 (``StableDiffusionPipeline.save_lora_weights`` of the raw peft state dict, rank/alpha/targets in its
