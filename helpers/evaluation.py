@@ -8,7 +8,8 @@ The evaluation set comes from the model (:func:`make_eval_set`), one code path f
   seed from the folder's captions plus the course's own prompts (:data:`COURSE_PROMPTS`); the real images are
   those of the drawn captions.
 
-``N`` is ``config.eval_images`` (default 100; ``paper`` = 5000), smaller in the reduced run and under nbgrader.
+``N`` is ``config.eval_images`` (default 500 on the digits, 100 on captions; ``paper`` = 5000), smaller in the
+reduced run and under nbgrader.
 The initial latents are drawn once from a seeded generator; every sampler starts from exactly these.
 
 Metrics (:func:`measure`; every number is a :class:`Metric` that says how many images it used, which network
@@ -19,6 +20,12 @@ judged them and against what):
 * digits: ``prompt_accuracy`` (the digit classifier reads the prompted digit), ``fd_real`` / ``fd_teacher``
   (Fréchet distance in the digit classifier's feature space, :mod:`helpers.fid`) and ``kid_real`` /
   ``kid_teacher`` (kernel distance, with its spread over subsets);
+* every kind: ``fd_teacher_split``, the Fréchet distance against the teacher's 50-step images of *independent*
+  noise inside one set (:meth:`EvalSet.split_halves`: the first half of each digit's noises against the teacher's
+  images of the other half, and the reverse, averaged). The teacher's own value is the floor any sampler of its
+  distribution reaches with this many images; it is fair to samplers that draw fresh noise
+  (``consistency_sampling``), which the same-noise ``fd_teacher`` and PSNR are not. Its spread over evaluation
+  seeds is quoted from the measurement of ``docs/small_model.md`` (:data:`SEED_SPREAD`), not re-measured;
 * captions: ``clip_score`` (torchmetrics' CLIPScore, ``config.clip_model``), ``fd_real`` / ``fd_teacher`` = FID
   and FID-SD, ``kid_real`` / ``kid_teacher``, on the Inception features of :func:`helpers.quality.inception_net`.
   A judge that is not available (no CLIP in the cache, no Inception network) gives a metric with
@@ -31,7 +38,8 @@ way) and :func:`function_sampler` wraps a student sampler of the course (``consi
 :func:`helpers.report.record_sampler` and the time with :func:`helpers.report.record_timing` (as
 ``sample_<name>``). Sampling shows one progress bar in images (``img/s``); the pipeline's own bar is off during a
 sampler's call. The teacher's 50-step images are cached on disk (not under nbgrader), keyed by model, prompts,
-latents and guidance, so that notebook 05 reuses those of notebook 04.
+latents and guidance, so that notebook 05 reuses those of notebook 04; their features are computed once per
+feature network and process (:meth:`EvalSet.reference_features`), not once per sampler.
 """
 from __future__ import annotations
 
@@ -52,14 +60,32 @@ from helpers.config import KitConfig
 from helpers.device import BIG_GPU_GIB, SMALL_GPU_GIB, gpu_memory_gib
 
 __all__ = ["EvalSet", "RealImages", "Metric", "SamplerRecord", "EvalResult", "Sampler", "COURSE_PROMPTS",
-           "DEFAULT_EVAL_IMAGES", "eval_kind", "eval_size", "make_eval_set", "default_batch_size", "pipeline_sampler",
+           "DEFAULT_EVAL_IMAGES", "DIGITS_EVAL_IMAGES", "SEED_SPREAD", "SEED_SPREAD_IMAGES", "SEED_SPREAD_SOURCE",
+           "split_half_fd", "sample_picks", "save_samples", "SAMPLES_DIR", "eval_kind", "eval_size", "make_eval_set", "default_batch_size", "pipeline_sampler",
            "function_sampler", "pipeline_bar_off", "vae_decode_outside_autocast", "generate", "measure", "evaluate",
            "teacher_reference",
            "results_table", "show_results"]
 
 Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
 REFERENCE_NAME = "teacher_ddim50"
-DEFAULT_EVAL_IMAGES = 100
+DEFAULT_EVAL_IMAGES = 100  # captions (SD1.5, custom models): about 10 minutes of 50-step teacher images on a T4
+#: The digits (the small model): 50 per digit, where DDIM-4's gap to DDIM-50 on ``fd_teacher_split`` is 12 times
+#: its spread over evaluation seeds (3-6 times at 100-200 images; docs/small_model.md).
+DIGITS_EVAL_IMAGES = 500
+
+#: The spread (standard deviation over evaluation seeds 0, 1, 2) of the shipped teacher's DDIM numbers at guidance
+#: 7.5 with :data:`DIGITS_EVAL_IMAGES` images: ``{metric key: {DDIM steps: sd}}``. Quoted, not re-measured in a
+#: run (that would triple the cost of the teacher's images); it applies to digit sets of exactly that size.
+SEED_SPREAD_SOURCE = ("docs/small_model.md, 'A distribution metric, the spread over seeds, and the guidance' "
+                      "(docs/small_model_exploration/gap.json, scripts/explore_gap.py, seeds 0-2, 500 images, w = 7.5)")
+SEED_SPREAD_IMAGES = 500
+SEED_SPREAD: dict[str, dict[int, float]] = {
+    "fd_teacher_split": {1: 0.0236, 2: 0.0215, 4: 0.0096, 8: 0.0030, 50: 0.0028},
+    "fd_teacher": {1: 0.0265, 2: 0.0252, 4: 0.0137, 8: 0.0024, 50: 0.0},
+    "fd_real": {1: 0.0441, 2: 0.0403, 4: 0.0381, 8: 0.0371, 50: 0.0101},
+    "psnr_teacher": {1: 0.0969, 2: 0.1529, 4: 0.3570, 8: 0.4559, 50: 0.0},
+    "prompt_accuracy": {1: 0.0140, 2: 0.0012, 4: 0.0020, 8: 0.0020, 50: 0.0020},
+}
 #: The course's own prompts, in every captions evaluation set (the first is task 1's).
 COURSE_PROMPTS: tuple[str, ...] = (
     "A sad puppy with large eyes", "An astronaut riding a horse on the moon",
@@ -95,9 +121,36 @@ class EvalSet:
     seed: int
     kind: str = "digits"
     real: RealImages | None = field(default=None, compare=False)
+    _reference: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def split_halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Two disjoint index sets with the same prompts in the same order: the first and the second half of each
+        digit's images (digits), or of the whole set (captions); None when a half would hold fewer than 2."""
+        if self.digits is not None:
+            groups = [torch.nonzero(self.digits == d).flatten() for d in torch.unique(self.digits)]
+            half = min(len(g) for g in groups) // 2
+            a = torch.cat([g[:half] for g in groups])
+            b = torch.cat([g[half:2 * half] for g in groups])
+        else:
+            half = len(self) // 2
+            a, b = torch.arange(half), torch.arange(half, 2 * half)
+        return (a, b) if len(a) >= 2 else None
+
+    def reference_features(self, net, reference: torch.Tensor) -> torch.Tensor:
+        """``net``'s features of the teacher's images ``reference`` of this set, computed once per network while
+        the same tensor is passed (every sampler of a notebook measures against the same ``teacher50.images``)."""
+        cached = self._reference.get(net.name)
+        if cached is None or cached[0] is not reference:
+            cached = (reference, net.features(reference))
+            self._reference[net.name] = cached
+        return cached[1]
+
+    def remember_reference(self, net, reference: torch.Tensor, features: torch.Tensor) -> None:
+        """Keep ``features`` as ``net``'s features of ``reference`` (the teacher's images, measured first)."""
+        self._reference[net.name] = (reference, features)
 
     def key(self) -> str:
         """A short hash of the inputs (prompts, latents' seed and shape)."""
@@ -182,9 +235,10 @@ def eval_kind(model, data: str | None) -> str:
 
 
 def eval_size(kind: str, config: KitConfig) -> int:
-    """Images per sampler: ``config.eval_images`` (default :data:`DEFAULT_EVAL_IMAGES`), at most 50 (digits) / 20
-    (captions) in the reduced run and 10 / 4 under nbgrader."""
-    n = config.eval_images or DEFAULT_EVAL_IMAGES
+    """Images per sampler: ``config.eval_images`` (default :data:`DIGITS_EVAL_IMAGES` on the digits,
+    :data:`DEFAULT_EVAL_IMAGES` on captions), at most 50 (digits) / 20 (captions) in the reduced run and 10 / 4
+    under nbgrader."""
+    n = config.eval_images or (DIGITS_EVAL_IMAGES if kind == "digits" else DEFAULT_EVAL_IMAGES)
     small, tiny = (50, 10) if kind == "digits" else (20, 4)
     return config.pick(n, reduced_value=min(n, small), grading_value=min(n, tiny))
 
@@ -400,6 +454,27 @@ def _distances(key: str, net, ours: torch.Tensor, other: torch.Tensor, against: 
     return {f"fd_{key}": Metric(f"fd_{key}", fd, **common), f"kid_{key}": Metric(f"kid_{key}", kid, std=kid_std, **common)}
 
 
+def split_half_fd(features: torch.Tensor, reference_features: torch.Tensor,
+                  halves: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Fréchet distance of the sampler's images of one half of the noises against the teacher's images of the other
+    half, and the reverse, averaged (``halves`` from :meth:`EvalSet.split_halves`): no image is compared with the
+    teacher's image of its own noise."""
+    from helpers.fid import frechet_distance
+
+    a, b = halves
+    return 0.5 * (frechet_distance(features[a], reference_features[b])
+                  + frechet_distance(features[b], reference_features[a]))
+
+
+def _split_metric(net, ours: torch.Tensor, theirs: torch.Tensor, eval_set: EvalSet) -> Metric:
+    halves = eval_set.split_halves()
+    if halves is None:
+        return Metric("fd_teacher_split", None, len(ours), skipped=f"{len(eval_set)} images are too few to split "
+                      "into two halves of at least 2 (raise eval_images)")
+    return Metric("fd_teacher_split", split_half_fd(ours, theirs, halves), 2 * len(halves[0]), net.name,
+                  f"{REFERENCE_NAME} of the other half of the noises", len(halves[0]))
+
+
 def _skipped(keys: Sequence[str], n: int, why: str) -> dict[str, Metric]:
     return {k: Metric(k, None, n, skipped=why) for k in keys}
 
@@ -429,13 +504,18 @@ def measure(images: torch.Tensor, eval_set: EvalSet, reference: torch.Tensor | N
         out["clip_score"] = (Metric("clip_score", judge.score(images, eval_set.prompts), n, judge.name, "prompts")
                              if judge else Metric("clip_score", None, n, skipped=clip_why))
         net, why = inception_net(config.inception, device)
-    keys = (["fd_teacher", "kid_teacher"] if reference is not None else []) + (
+    keys = (["fd_teacher", "kid_teacher"] if reference is not None else []) + ["fd_teacher_split"] + (
         ["fd_real", "kid_real"] if eval_set.real is not None else [])
     if net is None:
         return {**out, **_skipped(keys, n, why)}
-    ours = net.features(images)  # once, for both comparisons
+    ours = net.features(images)  # once, for every comparison
     if reference is not None:
-        out.update(_distances("teacher", net, ours, net.features(reference), REFERENCE_NAME))
+        theirs = eval_set.reference_features(net, reference)
+        out.update(_distances("teacher", net, ours, theirs, REFERENCE_NAME))
+    else:  # these are the teacher's images: keep their features for the samplers measured after it
+        theirs = ours
+        eval_set.remember_reference(net, images, ours)
+    out["fd_teacher_split"] = _split_metric(net, ours, theirs, eval_set)
     if eval_set.real is not None:
         out.update(_distances("real", net, ours, eval_set.real.features(net), eval_set.real.description))
     return out
@@ -459,12 +539,43 @@ def _result(name: str, images: torch.Tensor, seconds: float, eval_set: EvalSet, 
     accuracy = metrics["prompt_accuracy"].value if "prompt_accuracy" in metrics else None
     result = EvalResult(name, images, accuracy, metrics["psnr_teacher"].value, seconds, dict(extra), metrics)
     if record:
+        save_samples(name, images, eval_set, config)
         entry = result.record().to_json()
         record_sampler(name, entry.pop("prompt_accuracy", None), entry.pop("fidelity_psnr_db"), config,
                        **{**extra, **entry})
         if not extra.get("cached"):
             record_timing(f"sample_{name}", seconds, config)
     return result
+
+
+SAMPLES_DIR = "samples"
+
+
+def sample_picks(eval_set: EvalSet, per_row: int = 10) -> tuple[list[int], list[str]]:
+    """Which images of the set a row of examples shows, and their labels: the first image of each digit, or the
+    last prompts of a captions set (the course's own prompts)."""
+    if eval_set.digits is not None:
+        per_digit = max(1, len(eval_set) // 10)
+        picks = list(range(0, len(eval_set), per_digit))[:per_row]
+        return picks, [f"digit {int(eval_set.digits[i])}" for i in picks]
+    picks = (list(range(len(eval_set)))[::-1])[:per_row]
+    return picks, [eval_set.prompts[i][:24] for i in picks]
+
+
+def save_samples(name: str, images: torch.Tensor, eval_set: EvalSet, config: KitConfig) -> Path | None:
+    """Keep one row of a sampler's images (:func:`sample_picks`, the same noise for every sampler) as
+    ``samples/<name>.pt`` in the output folder, so that the report can draw its comparison grid from the run's
+    files alone (nothing under nbgrader)."""
+    if config.grading:
+        return None
+    from helpers.report import out_dir
+
+    picks, labels = sample_picks(eval_set)
+    path = out_dir(config) / SAMPLES_DIR / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": (images[picks].clamp(0, 1) * 255).round().to(torch.uint8), "labels": labels,
+                "eval_key": eval_set.key()}, path)
+    return path
 
 
 def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key: str, config: KitConfig,
@@ -501,6 +612,7 @@ def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key:
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("prompt_accuracy", "prompt acc.", "{:.3f}"), ("clip_score", "CLIP score", "{:.2f}"),
     ("psnr_teacher", "PSNR vs 50-step (dB)", "{:.2f}"), ("fd_teacher", "FD vs 50-step", "{:.2f}"),
+    ("fd_teacher_split", "FD vs 50-step, other noise", "{:.3f}"),
     ("fd_real", "FD vs real", "{:.2f}"), ("kid_real", "KID vs real", "{:.4f}"))
 
 
@@ -536,13 +648,7 @@ def show_results(results: Sequence[EvalResult], eval_set: EvalSet, config: KitCo
     from helpers.plotting import show_images
     from helpers.report import save_figure
 
-    if eval_set.digits is not None:
-        per_digit = max(1, len(eval_set) // 10)
-        picks = list(range(0, len(eval_set), per_digit))[:per_row]
-        labels = [f"digit {int(eval_set.digits[i])}" for i in picks]
-    else:  # the course's prompts (at the end of the set) first, then the drawn captions
-        picks = (list(range(len(eval_set)))[::-1])[:per_row]
-        labels = [eval_set.prompts[i][:24] for i in picks]
+    picks, labels = sample_picks(eval_set, per_row)
     images = torch.cat([r.images[picks] for r in results])
     titles = [f"{r.name}\n{label}" if j == 0 else f"\n{label}" for r in results for j, label in enumerate(labels)]
     fig = show_images(images, titles=titles, ncols=len(picks), size=1.6)

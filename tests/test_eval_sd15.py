@@ -118,8 +118,10 @@ def test_whole_sd_path_records_clip_fid_kid_with_their_networks_and_counts(sd_se
     ref = evaluation.teacher_reference(pipe, eval_set, 7.5, "sd15-shaped", config, num_inference_steps=3)
     four = evaluation.evaluate("teacher_ddim4", evaluation.pipeline_sampler(pipe, 1, 7.5), eval_set, ref.images,
                                config, steps=1)
-    assert set(ref.metrics) == {"psnr_teacher", "clip_score", "fd_real", "kid_real"}
-    assert set(four.metrics) == {"psnr_teacher", "clip_score", "fd_teacher", "kid_teacher", "fd_real", "kid_real"}
+    assert set(ref.metrics) == {"psnr_teacher", "clip_score", "fd_teacher_split", "fd_real", "kid_real"}
+    assert set(four.metrics) == {"psnr_teacher", "clip_score", "fd_teacher", "kid_teacher", "fd_teacher_split",
+                                 "fd_real", "kid_real"}
+    assert four.metrics["fd_teacher_split"].images == 12 and four.metrics["fd_teacher_split"].reference_images == 6
     assert four.prompt_accuracy is None and ref.metrics["psnr_teacher"].value == 100.0
     fd = four.metrics["fd_teacher"]
     assert fd.images == 12 and fd.reference_images == 12 and "features.pt" in fd.network and fd.value > 0

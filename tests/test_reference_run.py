@@ -220,6 +220,10 @@ def test_reduced_reference_run_of_the_kits_notebooks(tmp_path, capsys):
     if len(present) == len(ASSIGNMENTS):  # the course is complete: every sampler and the report table
         assert set(rr.EXPECTED_SAMPLERS) <= set(data["samplers"])
         assert all(f"| `{s}` |" in report.read_text() for s in rr.EXPECTED_SAMPLERS)
+        # the lesson: DDIM at 1, 2, 4, 8, 50 steps, the steps-quality plot, the grid and a sentence per student
+        assert {f"teacher_ddim{k}" for k in (1, 2, 4, 8, 50)} <= set(data["samplers"])
+        assert {"lesson_steps_quality.png", "lesson_grid.png"} <= {p.name for p in (tmp_path / "figures").iterdir()}
+        assert "### What distillation bought" in report.read_text() and "`multi_cd_4_matched` against" in report.read_text()
 
 
 def test_kernel_env_carries_the_run_settings_and_drops_nbgrader():

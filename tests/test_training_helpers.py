@@ -3,10 +3,12 @@ encoded training set, the evaluation of samplers, and the recording fakes the ch
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from helpers import data, evaluation, training
@@ -135,6 +137,70 @@ def test_half_base_keeps_its_dtype_and_trains_fp32_lora():
     training.start_phase(unet, "cd", replace(SMALL))  # the course profile: base back in fp32
     assert all(p.dtype == torch.float32 for p in unet.parameters())
 
+
+
+def test_the_small_model_distils_at_guidance_7_5_with_a_cosine_multi_cd_and_sd15_keeps_its_recipe():
+    small, sd15 = training.settings_for("small"), training.settings_for("sd15")
+    assert small.guidance_scale == 7.5 and small.phase_steps == {"multi_cd": 600}
+    assert small.phase_lr_schedule == {"multi_cd": "cosine"} and small.lr_schedule == "constant", "ct/cd: constant"
+    assert sd15.lr_schedule == "constant" and sd15.learning_rate == 1e-4  # the original recipe, unchanged
+    from helpers.models import resolve_model
+    assert resolve_model("small").guidance_scale == 7.5, "the teacher's references use the CD target's guidance"
+
+
+def _reference_train_loop():
+    from helpers.course import SOLUTIONS_DIR
+    from helpers.notebook_functions import course_namespace
+
+    return course_namespace(SOLUTIONS_DIR, "04_consistency_loss")["train_loop"]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cosine_schedule_decays_to_zero_under_the_students_unchanged_train_loop(accumulation):
+    train_loop = _reference_train_loop()  # the student's function of notebook 04, as the notebooks call it
+    model = torch.nn.Linear(3, 1)
+    steps, settings = 10, replace(SMALL, learning_rate=0.1, lr_schedule="cosine")
+    optimizer = training.make_optimizer(model.parameters(), settings)
+    scheduler = training.lr_schedule(optimizer, settings, steps)
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+    losses = train_loop(model, optimizer, batches, lambda x, y: F.mse_loss(model(x), y), num_steps=steps,
+                        gradient_accumulation_steps=accumulation, device="cpu")
+    assert len(losses) == steps and len(seen) == steps, "one optimizer step, one schedule step"
+    assert seen[0] == pytest.approx(0.1), "the first step uses the full learning rate"
+    assert all(a > b for a, b in zip(seen, seen[1:])), f"the rate decays at every step: {seen}"
+    assert seen[-1] < 0.1 * 0.03, f"the last step's rate is close to 0: {seen[-1]}"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), "after the phase the rate is 0"
+    assert scheduler is not None and scheduler.last_epoch == steps
+    # half way through, the cosine is at half the rate
+    assert seen[steps // 2] == pytest.approx(0.05)
+
+
+def test_constant_schedule_and_start_phase_without_steps_keep_the_rate():
+    model = torch.nn.Linear(3, 1)
+    optimizer = training.make_optimizer(model.parameters(), replace(SMALL, lr_schedule="constant"))
+    assert training.lr_schedule(optimizer, replace(SMALL, lr_schedule="constant"), 5) is None
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        training.lr_schedule(optimizer, replace(SMALL, lr_schedule="linear"), 5)
+    with pytest.raises(ValueError, match="number of steps"):
+        training.lr_schedule(optimizer, replace(SMALL, lr_schedule="cosine"), 0)
+    pipe = tiny_pipeline()
+    opt = training.start_phase(pipe.unet, "ct", SMALL)  # an older notebook cell: no num_steps, constant rate
+    probe = _probe(pipe)
+    for _ in range(3):
+        pipe.unet(*probe[:2], encoder_hidden_states=probe[2]).sample.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.param_groups[0]["lr"] == SMALL.learning_rate
+    held = training.start_phase(pipe.unet, "cd", SMALL, num_steps=4)  # the small model's cd: constant
+    pipe.unet(*probe[:2], encoder_hidden_states=probe[2]).sample.square().mean().backward()
+    held.step()
+    assert held.param_groups[0]["lr"] == SMALL.learning_rate
+    cosine = training.start_phase(pipe.unet, "multi_cd", SMALL, num_steps=4)
+    pipe.unet(*probe[:2], encoder_hidden_states=probe[2]).sample.square().mean().backward()
+    cosine.step()
+    assert cosine.param_groups[0]["lr"] == pytest.approx(SMALL.learning_rate * 0.5 * (1 + math.cos(math.pi / 4)))
 
 # ------------------------------------------------------------------------------------------ phases
 def test_phases_train_only_their_own_adapter_and_keep_the_earlier_ones():
@@ -660,3 +726,11 @@ def test_fused_adapters_sample_as_the_unfused_student_and_restore_the_base_exact
     assert torch.equal(_out(unet, probe), student)
     with training.adapters_disabled(unet), training.fused_adapters(unet):
         assert torch.equal(_out(unet, probe), base), "the teacher's calls must not get the adapter merged in"
+
+
+def test_eval_size_is_500_digits_by_default_and_eval_images_overrides(make_config):
+    assert evaluation.eval_size("digits", make_config()) == 500, "50 per digit: the 4-step FD gap is 12 x its spread"
+    assert evaluation.eval_size("captions", make_config()) == 100
+    assert evaluation.eval_size("digits", make_config(eval_images=200)) == 200
+    assert evaluation.eval_size("digits", make_config(reduced=True)) == 50, "CI's reduced run stays small"
+    assert evaluation.eval_size("digits", make_config(reduced=True, execution="autograde")) == 10

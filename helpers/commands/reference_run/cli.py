@@ -13,7 +13,7 @@ still writes the report of what ran.
 
 Output (``<out>/``): ``notebooks/`` (executed copies), ``metrics.json`` (what the notebooks recorded through
 :mod:`helpers.report`, plus this run's notebook timings, settings and environment), ``figures/`` and
-``report.md``. Each run starts afresh: these four are deleted first (nothing else in ``<out>`` is touched).
+``report.md``, and ``samples/`` (one row of each sampler's images, for the report's grid). Each run starts afresh: these are deleted first (nothing else in ``<out>`` is touched).
 The metrics are then checked for consistency; the exit status is 0 only when every notebook that exists
 ran and the checks pass. Missing notebooks are listed in the report but are not an error.
 """
@@ -33,6 +33,7 @@ from helpers.commands.reference_run.execute import (NotebookResult, environment_
 from helpers.commands.reference_run.render import render_report
 from helpers.config import KitConfig
 from helpers.course import ASSIGNMENTS, KIT_ROOT
+from helpers.report import lesson_figures
 
 __all__ = ["DEFAULT_OUT", "RunOutcome", "run", "main"]
 
@@ -76,7 +77,7 @@ def run(model: str | None = None, out: str | Path = DEFAULT_OUT, reduced: bool =
                                           "traceback": r.traceback} for r in results},
                 environment=environment_info(config.device))
     metrics_path.write_text(json.dumps(data, indent=2, sort_keys=True))
-
+    lesson_figures(data, out)  # the steps-quality plot and the DDIM-4 / best student / DDIM-50 grid
     figures = sorted(p for p in (out / "figures").glob("*") if p.suffix.lower() in FIGURE_SUFFIXES)
     complete = len(assignments) == len(ASSIGNMENTS) and all(r.status == "ok" for r in results)
     problems = [f"{r.assignment} failed at {r.error} (traceback above, in report.md and in {out / r.notebook})"

@@ -32,7 +32,7 @@ __all__ = ["NotebookResult", "Execution", "PRODUCED", "PACKAGES", "select_assign
            "plain_traceback", "kernel_env",
            "model_setting", "prepare", "run_notebooks", "environment_info"]
 
-PRODUCED = ("notebooks", "figures", "metrics.json", "report.md")  # what a run owns inside <out>
+PRODUCED = ("notebooks", "figures", "samples", "metrics.json", "report.md")  # what a run owns inside <out>
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "nbgrader",
             "nbclient", "ipykernel")
 

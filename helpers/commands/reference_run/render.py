@@ -1,5 +1,6 @@
-"""Rendering a reference run's ``report.md``: notebooks, metrics table, figures, timings, settings,
-environment and the consistency checks."""
+"""Rendering a reference run's ``report.md``: notebooks, metrics table, what distillation bought (one sentence per
+student, :func:`helpers.report.lesson_sentences`), figures, timings, settings, environment and the consistency
+checks."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from typing import Any
 
 from helpers.commands.reference_run.check import EXPECTED_SAMPLERS, FEW_STEP, REFERENCE, _number, gap_closed
 from helpers.commands.reference_run.execute import NotebookResult
+from helpers.evaluation import SEED_SPREAD_SOURCE
+from helpers.report import lesson_sentences, quoted_spread
 
 __all__ = ["render_report"]
 
@@ -47,6 +50,7 @@ def _versus_few_step(samplers: dict[str, dict], name: str) -> str:
 #: Headers of the distribution and text-image metrics (helpers.evaluation.measure), in table order.
 METRIC_HEADERS: dict[str, str] = {
     "clip_score": "CLIP score", "fd_teacher": f"FD vs `{REFERENCE}`", "kid_teacher": f"KID vs `{REFERENCE}`",
+    "fd_teacher_split": f"FD vs `{REFERENCE}` of other noise",
     "fd_real": "FD vs real", "kid_real": "KID vs real"}
 
 
@@ -114,6 +118,19 @@ def _metrics_section(samplers: dict[str, dict]) -> list[str]:
         _distribution_section(samplers, names)
 
 
+def _lesson_section(data: dict[str, Any]) -> list[str]:
+    """What distillation bought: one sentence per student against the teacher's DDIM at the same steps."""
+    samplers = data.get("samplers") or {}
+    sentences = lesson_sentences(samplers)
+    if not sentences:
+        return []
+    spread = ("The spread is the standard deviation over evaluation seeds of the teacher's DDIM at that number of "
+              f"steps, quoted from {SEED_SPREAD_SOURCE}, not re-measured in this run."
+              if quoted_spread(samplers) else
+              "No spread is quoted: it was measured for the small model's 500-image digit evaluation only.")
+    return ["", "### What distillation bought", "", *(f"- {s}" for s in sentences), "", spread]
+
+
 def _failures_section(results: Sequence[NotebookResult]) -> list[str]:
     """Each failed notebook's traceback (the executed copy carries it too); nothing when none failed."""
     failed = [r for r in results if r.status == "failed"]
@@ -141,7 +158,8 @@ def render_report(data: dict[str, Any], results: Sequence[NotebookResult], probl
     if missing:
         lines += ["", f"Missing from `solutions/` (not run): {', '.join(missing)}."]
     lines += _failures_section(results)
-    lines += ["", "## Metrics", "", *_metrics_section(data.get("samplers") or {}), "", "## Figures", ""]
+    lines += ["", "## Metrics", "", *_metrics_section(data.get("samplers") or {}), *_lesson_section(data)]
+    lines += ["", "## Figures", ""]
     lines += [f"### {Path(f).stem}\n\n![{Path(f).stem}]({f})\n" for f in figures] or ["No figures were saved."]
     timings = data.get("timings_s") or {}
     lines += ["", "## Timings", ""]
