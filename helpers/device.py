@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["pick_device", "pick_dtype", "cpu_name", "gpu_memory_gib", "SMALL_GPU_GIB", "BIG_GPU_GIB",
-           "use_expandable_segments"]
+           "use_expandable_segments", "with_passive_omp"]
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -78,6 +78,19 @@ def use_expandable_segments() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def with_passive_omp(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``OMP_WAIT_POLICY=PASSIVE`` unless it sets a policy (or ``GOMP_SPINCOUNT``) itself: for the
+    processes that run the course's PyTorch work on a CPU (the reference run's and JupyterLab's kernels). PyTorch's
+    OpenMP threads otherwise spin while they wait, and on a machine whose cores are busy with anything else they
+    spin against it: 50-step DDIM of 100 images with the shipped teacher took 95.7 s instead of 30.1 s beside two
+    busy processes, against 15.6 s and 19.5 s on the quiet 2-core machine (``scripts/bench_omp.py``,
+    docs/bench/omp_wait_policy.json). A laptop is rarely quiet, so the kit takes the robust one; set
+    ``OMP_WAIT_POLICY=ACTIVE`` to have the spinning back. It must be in the environment before torch starts."""
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return dict(env)
+    return {**env, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def cpu_name() -> str:

@@ -232,9 +232,12 @@ def test_kernel_env_carries_the_run_settings_and_drops_nbgrader():
 
     base = {"PATH": "/usr/bin", "NBGRADER_EXECUTION": "autograde", "CD_KIT_REDUCED": "1", "MPLBACKEND": "TkAgg"}
     env = kernel_env(KitConfig(model="small", out="/tmp/o"), base)
-    assert env == {"PATH": "/usr/bin", "CD_KIT_MODEL": "small", "CD_KIT_OUT": "/tmp/o", "MPLBACKEND": "Agg"}
+    assert env == {"PATH": "/usr/bin", "CD_KIT_MODEL": "small", "CD_KIT_OUT": "/tmp/o", "MPLBACKEND": "Agg",
+                   "OMP_WAIT_POLICY": "PASSIVE"}, "kernels do not spin against other load (docs/bench/omp_wait_policy.json)"
     env = kernel_env(KitConfig(model="sd15", out="/tmp/o", reduced=True, execution="validate"), base)
     assert env["CD_KIT_REDUCED"] == "1" and "NBGRADER_EXECUTION" not in env and env["CD_KIT_MODEL"] == "sd15"
+    assert kernel_env(KitConfig(model="small"), {**base, "OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "OMP_WAIT_POLICY" not in kernel_env(KitConfig(model="small"), {**base, "GOMP_SPINCOUNT": "0"})
 
 
 # ------------------------------------------------------------------------------------------ failures carry tracebacks

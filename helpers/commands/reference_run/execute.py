@@ -25,7 +25,7 @@ from traitlets.config import Config
 
 from helpers.config import KitConfig, setting_fields
 from helpers.course import ASSIGNMENTS, Assignment
-from helpers.device import pick_device
+from helpers.device import pick_device, with_passive_omp
 from helpers.models import resolve_model
 
 __all__ = ["NotebookResult", "Execution", "PRODUCED", "PACKAGES", "select_assignments", "execute_notebook",
@@ -179,10 +179,11 @@ def kernel_env(config: KitConfig, base: Mapping[str, str] | None = None) -> dict
     """The kernels' environment: ``base`` (default: this process's, for PATH, HF_HOME...) without any kit
     setting, then exactly the variables of the kernels' settings ``config`` (``CD_KIT_OUT``, ``CD_KIT_MODEL``,
     ``CD_KIT_REDUCED=1`` when reduced...; never ``NBGRADER_EXECUTION``, which would make helpers.report write
-    nothing) and ``MPLBACKEND=Agg``."""
+    nothing), ``MPLBACKEND=Agg`` and ``OMP_WAIT_POLICY=PASSIVE`` unless set (:func:`helpers.device.with_passive_omp`:
+    robust to other load on the cores)."""
     kit = {f.metadata["env"] for f in setting_fields()}
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in kit}
-    return {**env, **config.replace(execution="").to_environ(), "MPLBACKEND": "Agg"}
+    return with_passive_omp({**env, **config.replace(execution="").to_environ(), "MPLBACKEND": "Agg"})
 
 
 def model_setting(model: str) -> str:
