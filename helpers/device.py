@@ -4,13 +4,14 @@ fp16 on a CPU works but is 5-9x slower than fp32 (no fast half kernels), so the 
 """
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
 import torch
 
 __all__ = ["pick_device", "pick_dtype", "cpu_name", "gpu_memory_gib", "SMALL_GPU_GIB", "BIG_GPU_GIB",
-           "use_expandable_segments", "with_passive_omp"]
+           "use_expandable_segments", "busy_cores", "cpu_threads_env"]
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -80,17 +81,49 @@ def use_expandable_segments() -> bool:
     return True
 
 
-def with_passive_omp(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with ``OMP_WAIT_POLICY=PASSIVE`` unless it sets a policy (or ``GOMP_SPINCOUNT``) itself: for the
-    processes that run the course's PyTorch work on a CPU (the reference run's and JupyterLab's kernels). PyTorch's
-    OpenMP threads otherwise spin while they wait, and on a machine whose cores are busy with anything else they
-    spin against it: 50-step DDIM of 100 images with the shipped teacher took 95.7 s instead of 30.1 s beside two
-    busy processes, against 15.6 s and 19.5 s on the quiet 2-core machine (``scripts/bench_omp.py``,
-    docs/bench/omp_wait_policy.json). A laptop is rarely quiet, so the kit takes the robust one; set
-    ``OMP_WAIT_POLICY=ACTIVE`` to have the spinning back. It must be in the environment before torch starts."""
-    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+BUSY_CORES_FOR_ONE_THREAD = 0.5
+
+
+def busy_cores(interval_s: float = 0.5) -> float | None:
+    """How many cores other processes keep busy right now: the non-idle share of ``/proc/stat``'s CPU time over
+    ``interval_s``, times the number of cores. ``None`` where ``/proc/stat`` does not exist (not Linux)."""
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(interval_s)
+    second = sample()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total if total > 0 else 0.0
+
+
+def cpu_threads_env(env: dict[str, str], busy: float | None = None) -> dict[str, str]:
+    """``env`` for a process that runs the course's PyTorch work on a CPU (a kernel of the reference run or of
+    JupyterLab), chosen for the load the cores carry when it starts (``busy``: :func:`busy_cores`):
+
+    * on a quiet machine nothing changes: PyTorch's OpenMP threads, one per core, spinning while they wait;
+    * when other processes keep at least half a core busy, ``OMP_NUM_THREADS=1``: spinning threads then fight the
+      other load. Measured on the 2-core machine (``scripts/bench_omp.py``, docs/bench/omp_wait_policy.json),
+      30 LoRA training steps of the small model: quiet 6.7 s (default), 8.6 s (one thread), 14.5 s
+      (``OMP_WAIT_POLICY=PASSIVE``); beside two busy processes 26.5 s, 15.7 s, 18.6 s.
+
+    A variable the user set (``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) is kept as it is."""
+    if any(name in env for name in THREAD_VARIABLES):
         return dict(env)
-    return {**env, "OMP_WAIT_POLICY": "PASSIVE"}
+    busy = busy_cores() if busy is None else busy
+    if busy is not None and busy >= BUSY_CORES_FOR_ONE_THREAD:
+        return {**env, "OMP_NUM_THREADS": "1"}
+    return dict(env)
 
 
 def cpu_name() -> str:

@@ -32,7 +32,7 @@ import nbformat
 from nbformat.sign import NotebookNotary
 
 from helpers.config import KitConfig
-from helpers.device import with_passive_omp
+from helpers.device import cpu_threads_env
 from helpers.course import KIT_ROOT
 from helpers.models import resolve_model
 
@@ -140,7 +140,7 @@ def _prepend_path(var: str, folder: Path, env: dict[str, str]) -> None:
 
 def lab_environment(setup: LabSetup, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment JupyterLab runs in (its kernels and nbgrader's validate inherit it)."""
-    env = with_passive_omp(dict(os.environ if base is None else base))  # its kernels: robust to other load
+    env = cpu_threads_env(dict(os.environ if base is None else base))  # its kernels: one thread on a loaded machine
     _prepend_path("JUPYTER_PATH", setup.runtime / "data", env)
     _prepend_path("JUPYTER_CONFIG_PATH", setup.runtime / "config", env)
     _prepend_path("PYTHONPATH", KIT_ROOT, env)

@@ -25,7 +25,7 @@ from traitlets.config import Config
 
 from helpers.config import KitConfig, setting_fields
 from helpers.course import ASSIGNMENTS, Assignment
-from helpers.device import pick_device, with_passive_omp
+from helpers.device import cpu_threads_env, pick_device
 from helpers.models import resolve_model
 
 __all__ = ["NotebookResult", "Execution", "PRODUCED", "PACKAGES", "select_assignments", "execute_notebook",
@@ -179,11 +179,11 @@ def kernel_env(config: KitConfig, base: Mapping[str, str] | None = None) -> dict
     """The kernels' environment: ``base`` (default: this process's, for PATH, HF_HOME...) without any kit
     setting, then exactly the variables of the kernels' settings ``config`` (``CD_KIT_OUT``, ``CD_KIT_MODEL``,
     ``CD_KIT_REDUCED=1`` when reduced...; never ``NBGRADER_EXECUTION``, which would make helpers.report write
-    nothing), ``MPLBACKEND=Agg`` and ``OMP_WAIT_POLICY=PASSIVE`` unless set (:func:`helpers.device.with_passive_omp`:
-    robust to other load on the cores)."""
+    nothing) and ``MPLBACKEND=Agg``. :func:`run_notebooks` adds the CPU threads' setting per notebook
+    (:func:`helpers.device.cpu_threads_env`: one thread when other load is on the cores)."""
     kit = {f.metadata["env"] for f in setting_fields()}
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in kit}
-    return with_passive_omp({**env, **config.replace(execution="").to_environ(), "MPLBACKEND": "Agg"})
+    return {**env, **config.replace(execution="").to_environ(), "MPLBACKEND": "Agg"}
 
 
 def model_setting(model: str) -> str:
@@ -222,7 +222,11 @@ def run_notebooks(assignments: list[Assignment], nb_dir: Path, env: dict[str, st
             results.append(NotebookResult(a.id, rel, "not run"))
             continue
         print(f"[{a.id}] running {rel} ...", flush=True)
-        done = execute_notebook(nb_dir / a.id / a.notebook, env, cell_timeout)
+        nb_env = cpu_threads_env(env)
+        if nb_env.get("OMP_NUM_THREADS") == "1" and "OMP_NUM_THREADS" not in env:
+            print(f"[{a.id}] other processes are using the CPU: its kernel runs PyTorch with one thread "
+                  "(set OMP_NUM_THREADS to choose)", flush=True)
+        done = execute_notebook(nb_dir / a.id / a.notebook, nb_env, cell_timeout)
         failed = done.error is not None
         results.append(NotebookResult(a.id, rel, "failed" if failed else "ok", round(done.wall_s, 1), done.error,
                                       done.traceback))
