@@ -57,10 +57,10 @@ def gpu_memory_gib(device: str | torch.device | None = None) -> float | None:
     CUDA or for a non-CUDA ``device``. Profiles and batch sizes are chosen from this, not from the card's size."""
     if not torch.cuda.is_available():
         return None
-    device = torch.device(device) if device is not None else torch.device("cuda")
-    if device.type != "cuda":
+    cuda = torch.device("cuda" if device is None else device)
+    if cuda.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda.index if cuda.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
     fraction = float(get_fraction(index)) if get_fraction is not None else 1.0

@@ -148,10 +148,10 @@ def write_pipeline(out: str | Path, size: str = "full", seed: int = 0, dtype: to
     from diffusers import DDIMScheduler
 
     out = Path(out)
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    where = torch.device(device)
+    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
         torch.manual_seed(seed)
-        pipe = build_pipeline(model_configs(size == "small"), device, dtype)
+        pipe = build_pipeline(model_configs(size == "small"), where, dtype)
     pipe.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
     pipe.save_pretrained(out, safe_serialization=True)
     # transformers 5 writes only tokenizer.json; vocab.json + merges.txt let older transformers load it too
