@@ -31,6 +31,8 @@ TABLE_END = "<!-- END GENERATED TABLE -->"
 
 #: ``CD_KIT_EVAL_IMAGES=paper``: the evaluation size of the iCD / LCM papers (5k prompts).
 PAPER_EVAL_IMAGES = 5000
+#: What ``CD_KIT_EVAL_COMPILE`` may say (None: unset, ``auto``).
+EVAL_COMPILE_CHOICES = (None, "auto", "off", "vae", "all")
 #: nbgrader's own variable: 'autograde' or 'validate' while nbgrader executes a notebook.
 _EXECUTION_VALUES = ("", "autograde", "validate")
 
@@ -62,6 +64,12 @@ class KitConfig:
                                        "digit: its 4-step gap is 12 times its spread over seeds there) and 100 on "
                                        "SD1.5 (about 10 minutes of 50-step teacher images on a T4), fewer in the "
                                        "reduced run and under nbgrader.", "count")
+    eval_compile: str | None = _setting("CD_KIT_EVAL_COMPILE", None,
+                                        "`torch.compile` in the evaluation's sampling on a CUDA GPU: `off`, `vae` "
+                                        "(the VAE decoder) or `all` (the VAE decoder and the UNet's repeated "
+                                        "blocks); the batches keep one shape. Unset: `auto`, which compiles only "
+                                        "where the images to generate pay the compilation back "
+                                        "(`helpers.evaluation.compile_choice`, measured in `docs/benchmarks.md`).")
     clip_model: str | None = _setting("CD_KIT_CLIP_MODEL", None,
                                       "CLIP model of the CLIP score on SD1.5 and custom models: a Hub id that must "
                                       "already be in the Hugging Face cache (nothing is downloaded), or a local folder "
@@ -120,6 +128,9 @@ class KitConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if self.eval_compile not in EVAL_COMPILE_CHOICES:
+            raise ValueError(f"{self.env_var('eval_compile')}={self.eval_compile!r}: use one of "
+                             f"{', '.join(c for c in EVAL_COMPILE_CHOICES if c)} or leave it unset (auto)")
         if self.execution not in _EXECUTION_VALUES:
             raise ValueError(f"NBGRADER_EXECUTION={self.execution!r} is not one of {_EXECUTION_VALUES[1:]}; "
                              "nbgrader sets it, unset it by hand")

@@ -62,7 +62,8 @@ from helpers.device import BIG_GPU_GIB, SMALL_GPU_GIB, gpu_memory_gib
 __all__ = ["EvalSet", "RealImages", "Metric", "SamplerRecord", "EvalResult", "Sampler", "COURSE_PROMPTS",
            "DEFAULT_EVAL_IMAGES", "DIGITS_EVAL_IMAGES", "SEED_SPREAD", "SEED_SPREAD_IMAGES", "SEED_SPREAD_SOURCE",
            "split_half_fd", "sample_picks", "save_samples", "SAMPLES_DIR", "eval_kind", "eval_size", "make_eval_set", "default_batch_size", "pipeline_sampler",
-           "function_sampler", "pipeline_bar_off", "vae_decode_outside_autocast", "generate", "measure", "evaluate",
+           "function_sampler", "pipeline_bar_off", "vae_decode_outside_autocast", "sampling_session", "compile_choice",
+           "compiled_modules", "compiled_for_sampling", "even_batches", "AUTO_COMPILE", "COMPILE_FROM_IMAGES", "generate", "measure", "evaluate",
            "teacher_reference",
            "results_table", "show_results"]
 
@@ -353,13 +354,77 @@ def _inference_context(pipe) -> Iterator[None]:
         pipe.vae.use_slicing = slicing
 
 
+#: What ``CD_KIT_EVAL_COMPILE=auto`` compiles where it compiles, and from how many images of one sampler call of
+#: :func:`generate` (measured on an H200, docs/benchmarks.md, "Compiling the evaluation").
+AUTO_COMPILE = "all"
+COMPILE_FROM_IMAGES = 1000
+
+
+#: The UNet's blocks ``all`` compiles: diffusers' ``UNet2DConditionModel._repeated_blocks`` (the transformer blocks)
+#: and the residual blocks, which hold the rest of its convolutions, GroupNorms and SiLUs.
+UNET_COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def compile_choice(pipe, images: int, config: KitConfig | None = None) -> str:
+    """What :func:`generate` compiles to sample ``images`` images with ``pipe``: ``off``, ``vae`` (the VAE decoder)
+    or ``all`` (the VAE decoder and the UNet's repeated blocks). ``config.eval_compile`` decides when set; ``auto``
+    (unset) compiles :data:`AUTO_COMPILE` on GPUs from 40 GiB for calls of at least :data:`COMPILE_FROM_IMAGES`
+    images, where the compilation pays for itself, and nothing otherwise. Always ``off`` on the CPU and for small
+    latents (the kit's digits model)."""
+    if pipe is None or pipe.unet.device.type != "cuda" or pipe.unet.config.sample_size <= 32:
+        return "off"
+    chosen = (config.eval_compile if config is not None else None) or "auto"
+    if chosen != "auto":
+        return chosen
+    big = (gpu_memory_gib(pipe.unet.device) or 0.0) >= BIG_GPU_GIB
+    return AUTO_COMPILE if big and images >= COMPILE_FROM_IMAGES else "off"
+
+
+def compiled_modules(pipe, what: str) -> list[torch.nn.Module]:
+    """The modules ``what`` (:func:`compile_choice`) compiles: the VAE decoder, and for ``all`` also the UNet's
+    blocks of :data:`UNET_COMPILED_BLOCKS` (regional compilation, as diffusers' ``compile_repeated_blocks``: one
+    compiled graph serves every block of a class and shape, so compiling costs a fraction of the whole UNet's)."""
+    if what == "off":
+        return []
+    if what not in ("vae", "all"):
+        raise ValueError(f"compile {what!r}: use 'off', 'vae' or 'all'")
+    modules = [pipe.vae.decoder]
+    if what == "all":
+        modules += [m for m in pipe.unet.modules() if type(m).__name__ in UNET_COMPILED_BLOCKS]
+    return modules
+
+
 @contextmanager
-def sampling_session(pipe) -> Iterator[None]:
-    """A whole evaluation run of one sampler (:func:`generate`) on CUDA: cuDNN autotuning (the shapes repeat), and
-    on GPUs from 40 GiB the student's adapter merged into the base once for all batches
-    (:func:`helpers.training.fused_adapters`; the base restored exactly afterwards). Measured on an H200
-    (docs/benchmarks.md): 4-step sampling at 512x512, 16.5 img/s at batch 16 unfused, 34.2 at batch 64 merged with
-    autotuning. Nothing for ``pipe=None`` or on the CPU. Undone afterwards."""
+def compiled_for_sampling(pipe, what: str, backend: str = "inductor") -> Iterator[None]:
+    """Inside the context the modules of :func:`compiled_modules` run compiled (``torch.compile``, static shapes:
+    :func:`generate` keeps every batch of a call the same size); afterwards they run eagerly again. Dynamo keeps
+    what it compiled for the process, so a later call with the same shapes compiles nothing new."""
+    modules = compiled_modules(pipe, what)
+    if not modules:
+        yield
+        return
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)  # a graph per block class, shape and adapter state
+    for m in modules:
+        m.compile(dynamic=False, backend=backend)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m._compiled_call_impl = None  # nn.Module.compile's own slot: eager again
+        torch._dynamo.config.recompile_limit = limit
+
+
+@contextmanager
+def sampling_session(pipe, compile: str = "off") -> Iterator[None]:
+    """A whole evaluation run of one sampler (:func:`generate`) on CUDA: cuDNN autotuning (the shapes repeat), on
+    GPUs from 40 GiB the student's adapter merged into the base once for all batches
+    (:func:`helpers.training.fused_adapters`; the base restored exactly afterwards), and the modules ``compile``
+    names compiled (:func:`compiled_for_sampling`). Measured on an H200 (docs/benchmarks.md): 4-step sampling at
+    512x512, 16.5 img/s at batch 16 unfused, 34.2 at batch 64 merged with autotuning. Nothing for ``pipe=None`` or
+    on the CPU. Undone afterwards."""
     from helpers.training import fused_adapters
 
     if pipe is None or pipe.unet.device.type != "cuda":
@@ -369,7 +434,7 @@ def sampling_session(pipe) -> Iterator[None]:
     torch.backends.cudnn.benchmark = True
     fuse = fused_adapters(pipe.unet) if (gpu_memory_gib(pipe.unet.device) or 0.0) >= BIG_GPU_GIB else nullcontext()
     try:
-        with fuse:
+        with fuse, compiled_for_sampling(pipe, compile):
             yield
     finally:
         torch.backends.cudnn.benchmark = benchmark
@@ -419,28 +484,58 @@ def function_sampler(fn: Callable, pipe, seed: int = 0, **kwargs) -> Sampler:
     return sample
 
 
+def even_batches(images: int, batch_size: int) -> int:
+    """The batch size at most ``batch_size`` that splits ``images`` into the fewest calls of equal size (the last
+    one padded, by at most one image per call): 100 images at up to 64 a call are 2 calls of 50, not 64 + 36."""
+    calls = -(-images // max(1, batch_size))
+    return -(-images // calls)
+
+
 def generate(sampler: Sampler, eval_set: EvalSet, batch_size: int | None = None, desc: str | None = None,
-             config: KitConfig | None = None, progress: bool = True) -> tuple[torch.Tensor, float]:
+             config: KitConfig | None = None, progress: bool = True,
+             timing: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
     """Run ``sampler`` over the evaluation set in batches; returns ``(images, seconds)``. One progress bar
     counts the images (``desc``, img/s); it writes to stdout while nbgrader runs (``config.grading``: a test
     cell fails on stderr output), as :class:`helpers.answer_env.tqdm` does. A sampler of :func:`pipeline_sampler`
-    or :func:`function_sampler` runs inside :func:`sampling_session` (its pipeline is ``sampler.pipe``)."""
+    or :func:`function_sampler` runs inside :func:`sampling_session` (its pipeline is ``sampler.pipe``), compiled
+    as :func:`compile_choice` says; a compiled call samples batches of one size (:func:`even_batches`, the last
+    padded with copies of its last prompt and noise, which are dropped).
+
+    ``timing``, if given, receives the batch size, what was compiled, each batch's seconds, the first batch's
+    seconds (cuDNN's autotuning and any compilation happen there) and the images/s of the batches after it."""
     from tqdm.auto import tqdm
 
-    batch_size = batch_size or len(eval_set)
+    n = len(eval_set)
+    pipe = getattr(sampler, "pipe", None)
+    batch_size = min(batch_size or n, n)
+    compiled = compile_choice(pipe, n, config)
+    if compiled != "off":
+        batch_size = even_batches(n, batch_size)
     grading = config is not None and config.grading
-    bar = tqdm(total=len(eval_set), desc=desc, unit="img", disable=not progress,
-               file=sys.stdout if grading else None)
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stdout if grading else None)
     start = time.perf_counter()
-    chunks = []
-    with bar, sampling_session(getattr(sampler, "pipe", None)):
-        for i in range(0, len(eval_set), batch_size):
-            chunks.append(sampler(eval_set.prompts[i:i + batch_size], eval_set.latents[i:i + batch_size]))
-            bar.update(len(eval_set.prompts[i:i + batch_size]))
+    chunks, seconds_per_batch = [], []
+    with bar, sampling_session(pipe, compiled):
+        for i in range(0, n, batch_size):
+            prompts, latents = list(eval_set.prompts[i:i + batch_size]), eval_set.latents[i:i + batch_size]
+            real = len(prompts)
+            short = batch_size - real if compiled != "off" else 0
+            if short:
+                prompts += [prompts[-1]] * short
+                latents = torch.cat([latents, latents[-1:].expand(short, *latents.shape[1:])])
+            t = time.perf_counter()
+            chunks.append(sampler(prompts, latents)[:real])
+            seconds_per_batch.append(time.perf_counter() - t)
+            bar.update(real)
     seconds = time.perf_counter() - start
     images = torch.cat(chunks)
-    if images.shape[0] != len(eval_set) or images.ndim != 4:
-        raise ValueError(f"the sampler returned images of shape {tuple(images.shape)} for {len(eval_set)} prompts")
+    if images.shape[0] != n or images.ndim != 4:
+        raise ValueError(f"the sampler returned images of shape {tuple(images.shape)} for {n} prompts")
+    if timing is not None:
+        later = seconds_per_batch[1:]
+        timing.update(batch_size=batch_size, compiled=compiled, batch_seconds=[round(t, 3) for t in seconds_per_batch],
+                      first_batch_s=round(seconds_per_batch[0], 3),
+                      steady_images_per_s=round(batch_size / float(np.median(later)), 2) if later else None)
     return images, seconds
 
 
@@ -527,8 +622,9 @@ def evaluate(name: str, sampler: Sampler, eval_set: EvalSet, reference: torch.Te
     50-step images (None: this *is* the reference). Records the :class:`SamplerRecord` (and ``extra`` fields,
     e.g. ``steps=4``) under ``name`` in the output folder of ``config`` (:mod:`helpers.report`) unless
     ``record=False``."""
-    images, seconds = generate(sampler, eval_set, batch_size, desc=name, config=config)
-    return _result(name, images, seconds, eval_set, reference, config, record, extra)
+    timing: dict[str, Any] = {}
+    images, seconds = generate(sampler, eval_set, batch_size, desc=name, config=config, timing=timing)
+    return _result(name, images, seconds, eval_set, reference, config, record, {**extra, "timing": timing})
 
 
 def _result(name: str, images: torch.Tensor, seconds: float, eval_set: EvalSet, reference: torch.Tensor | None,
@@ -598,14 +694,16 @@ def teacher_reference(pipe, eval_set: EvalSet, guidance_scale: float, model_key:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return _result(REFERENCE_NAME, saved["images"], float(saved["seconds"]), eval_set, None, config, True,
                        {"steps": num_inference_steps, "cached": True})
+    timing: dict[str, Any] = {}
     images, seconds = generate(pipeline_sampler(pipe, num_inference_steps, guidance_scale), eval_set, batch_size,
-                               desc=REFERENCE_NAME, config=config)
+                               desc=REFERENCE_NAME, config=config, timing=timing)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         torch.save({"images": images, "seconds": seconds}, tmp)
         tmp.replace(path)
-    return _result(REFERENCE_NAME, images, seconds, eval_set, None, config, True, {"steps": num_inference_steps})
+    return _result(REFERENCE_NAME, images, seconds, eval_set, None, config, True,
+                   {"steps": num_inference_steps, "timing": timing})
 
 
 #: Columns of :func:`results_table`: metric key, header, format.

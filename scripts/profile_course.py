@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -446,6 +447,86 @@ def eval_variants(model_dir: Path, data_dir: Path, work: Path, device: torch.dev
     return out
 
 
+# --- Compiling the evaluation: what it costs once and what it saves per image -------------------------------
+#: The modes of ``CD_KIT_EVAL_COMPILE`` measured, plus ``whole`` (the VAE decoder and the whole UNet compiled; the
+#: benchmark's ``sample-fp16-compile``), each in its own process: ``cold`` with an empty inductor cache,
+#: ``warm`` again with the cache the cold run left (as a second notebook, or a re-run, finds it).
+EVAL_COMPILE_RUNS: tuple[tuple[str, str], ...] = (
+    ("off", "cold"), ("vae", "cold"), ("vae", "warm"), ("all", "cold"), ("all", "warm"), ("whole", "cold"))
+
+
+def eval_compile_child(mode: str, model_dir: Path, data_dir: Path, work: Path, device: torch.device,
+                       student_images: int, teacher_images: int, batch: int) -> dict[str, Any]:
+    """In this process: the kit's evaluation (``evaluation.generate`` in a ``sampling_session``) compiled as
+    ``mode`` says -- the student's 4-step ``consistency_sampling`` with a rank-64 adapter (``fast`` profile) over
+    ``student_images`` caption prompts, the same again (a second sampler of the same shapes), then the teacher's
+    guided 4-step DDIM (adapters disabled) over ``teacher_images``; per run the first batch (autotuning and
+    compilation), the later batches' images/s and the wall time."""
+    t_start = time.perf_counter()
+    config = kit_config(model_dir, data_dir, work, "fast", device).replace(
+        eval_compile="all" if mode == "whole" else mode)
+    if mode == "whole":
+        evaluation.compiled_modules = lambda pipe, what: [pipe.vae.decoder, pipe.unet]  # bench-only variant
+    spec = resolve_model(config.model)
+    pipe = load_course_pipeline(config)
+    settings = training.run_settings(spec.kind, config)
+    training.start_phase(pipe.unet, "cd", settings)
+    pipe.unet.eval()
+    ready_s = time.perf_counter() - t_start
+    student = evaluation.function_sampler(reference("consistency_sampling"), pipe, num_inference_steps=4)
+    teacher = evaluation.pipeline_sampler(pipe, 4, settings.guidance_scale)
+    runs = []
+    for name, sampler, n in (("student", student, student_images), ("student-again", student, student_images),
+                             ("teacher-ddim4-cfg", teacher, teacher_images)):
+        eval_set = evaluation.make_eval_set(pipe, spec, config.replace(eval_images=n))
+        timing: dict[str, Any] = {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with training.adapters_disabled(pipe.unet) if name.startswith("teacher") else contextlib.nullcontext():
+            _, seconds = evaluation.generate(sampler, eval_set, batch, config=config, progress=False, timing=timing)
+        runs.append({"sampler": name, "images": len(eval_set), "seconds": round(seconds, 2),
+                     "images_per_s": round(len(eval_set) / seconds, 2), **timing, **memory(device)})
+        print(f"      {mode} {name}: {runs[-1]['images_per_s']} img/s overall, steady "
+              f"{timing.get('steady_images_per_s')}, first batch {timing.get('first_batch_s')} s", flush=True)
+    return {"mode": mode, "ready_s": round(ready_s, 1), "runs": runs,
+            "process_wall_s": round(time.perf_counter() - t_start, 1)}
+
+
+def eval_compile(model_dir: Path, data_dir: Path, work: Path, device: torch.device, tiny: bool,
+                 runs: tuple[tuple[str, str], ...] = EVAL_COMPILE_RUNS, budget_s: float = 400.0) -> dict[str, Any]:
+    """:data:`EVAL_COMPILE_RUNS`, each in a child process (a cold dynamo; ``TORCHINDUCTOR_CACHE_DIR`` per mode,
+    emptied for ``cold``); a run that would start with under 60 s of ``budget_s`` left is skipped."""
+    import shutil
+
+    student, teacher, batch = (4, 2, 2) if tiny else (384, 128, 64)
+    out: dict[str, Any] = {"student_images": student, "teacher_images": teacher, "batch": batch, "runs": []}
+    start = time.perf_counter()
+    for mode, cache in runs:
+        left = budget_s - (time.perf_counter() - start)
+        if left < 60 and not tiny:
+            out["runs"].append({"mode": mode, "cache": cache, "status": f"skipped: {left:.0f} s left"})
+            continue
+        cache_dir = work / f"inductor-{mode}"
+        if cache == "cold":
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        child_out = work / f"eval-compile-{mode}-{cache}.json"
+        child_out.unlink(missing_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--out", str(child_out),
+               "--child-eval-compile", mode, "--device", str(device)] + (["--tiny"] if tiny else [])
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, left - 5))
+            rec = json.loads(child_out.read_text()) if child_out.exists() else {
+                "status": f"error: rc {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
+            print(proc.stdout[-1500:], end="", flush=True)
+        except subprocess.TimeoutExpired:
+            rec = {"status": f"timeout after {left - 5:.0f} s"}
+        rec.update(cache=cache, mode=mode, child_wall_s=round(time.perf_counter() - t0, 1))
+        out["runs"].append(rec)
+    return out
+
+
 def vae_decode(model_dir: Path, device: torch.device, tiny: bool) -> dict[str, Any]:
     """The VAE decode of the evaluation alone: seconds per call and peak memory at batch 8 and 16, in its own
     fp16 and under fp16 autocast (what the evaluation did before ``vae_decode_outside_autocast``), with and
@@ -552,7 +633,7 @@ def run_notebooks(profile: str, model_dir: Path, data_dir: Path, work: Path, red
             "notebooks": metrics.get("notebooks"), "timings_s": timings, "num_steps_per_phase": steps,
             "seconds_per_step": {k: round(v / steps, 4) for k, v in train.items()} if steps else None,
             "per_notebook_memory": per_notebook, "cells": cells,
-            "samplers": {k: {kk: v.get(kk) for kk in ("seconds", "images", "steps")}
+            "samplers": {k: {kk: v.get(kk) for kk in ("seconds", "images", "steps", "timing")}
                          for k, v in metrics.get("samplers", {}).items()},
             "stdout_tail": proc.stdout[-1500:], "stderr_tail": proc.stderr[-1500:]}
 
@@ -594,24 +675,38 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
     if name == "course":  # the course profile's notebook-level memory, then the evaluation at larger batches
         return [("notebooks", {"profile": "course", "reduced": True, "cap_gib": None}, 200),
                 ("eval", None, 120)]
+    if name == "compile":  # the evaluation compiled: cost and gain (docs/benchmarks.md, "Compiling the evaluation")
+        return [("compile", None, 360),
+                ("phase", PhaseCase("fast", "fast", steps=30, profiled_steps=0, fixed_batch_steps=0), 45),
+                ("phase", PhaseCase("fast-regional-compile", "fast", steps=30, warmup=4, profiled_steps=0,
+                                    fixed_batch_steps=0, regional_compile=True), 110)]
     if name == "final":
         return [("notebooks", {"profile": "fast", "reduced": False, "cap_gib": None}, 260),
                 ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5, "only": "05"}, 80)]
-    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval, course or final")
+    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval, course, compile or final")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for the pipeline, captions, runs, profiles")
     p.add_argument("--out", type=Path, required=True, help="JSON written after every part")
-    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | course | final")
+    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | course | compile | final")
     p.add_argument("--eval-variants", nargs="*", default=None, help="names of EVAL_VARIANTS to run (default: all)")
     p.add_argument("--only", nargs="*", default=None, help="names of the plan's parts to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny pipeline (CPU tests)")
     p.add_argument("--images", type=int, default=1600, help="generated training images (1600 = 100 steps of 16)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: CUDA when available)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip parts that would not fit in this many seconds")
+    p.add_argument("--child-eval-compile", default=None, help=argparse.SUPPRESS)  # one run of eval_compile
     args = p.parse_args(argv)
+    if args.child_eval_compile:
+        device = torch.device(args.device)
+        model_dir, data_dir = build_inputs(args.work, args.tiny, args.images, device)
+        student, teacher, batch = (4, 2, 2) if args.tiny else (384, 128, 64)
+        rec = eval_compile_child(args.child_eval_compile, model_dir, data_dir, args.work, device, student, teacher,
+                                 batch)
+        args.out.write_text(json.dumps({"status": "ok", **rec}, indent=1, default=str))
+        return 0
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     import diffusers
@@ -630,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{time.perf_counter() - start:5.0f} s] inputs ready: {model_dir}, {data_dir}", flush=True)
     for kind, what, estimate in plan(args.plan):
         name = (what.name if kind == "phase" else "vae-decode" if kind == "vae" else "eval-variants" if kind == "eval"
-                else f"notebooks-{what['profile']}")
+                else "eval-compile" if kind == "compile" else f"notebooks-{what['profile']}")
         if args.only and name not in args.only:
             continue
         left = args.budget_s - (time.perf_counter() - start)
@@ -646,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"decode": vae_decode(model_dir, device, args.tiny)}
             elif kind == "eval":
                 rec = eval_variants(model_dir, data_dir, args.work, device, args.tiny, args.eval_variants)
+            elif kind == "compile":
+                rec = eval_compile(model_dir, data_dir, args.work, device, args.tiny,
+                                   budget_s=min(estimate, left - 10))
             else:
                 rec = run_notebooks(what["profile"], model_dir, data_dir, args.work, what["reduced"], what["cap_gib"],
                                     timeout_s=max(30.0, left - 10), only=what.get("only", "04,05"))
@@ -671,6 +769,10 @@ def summary_line(rec: dict[str, Any]) -> str:
     """One line per part for the log."""
     if rec["status"] != "ok":
         return rec["status"]
+    if "runs" in rec and "student_images" in rec:
+        return " ".join(f"{r['mode']}/{r['cache']}:" + ",".join(
+            f"{x['sampler']}={x.get('steady_images_per_s')}(first {x.get('first_batch_s')}s)" for x in r.get("runs", []))
+            + f" wall {r.get('child_wall_s')}s" for r in rec["runs"])
     if "variants" in rec:
         return " ".join(f"{v['variant']}@{v['batch']}={v.get('images_per_s', v.get('error'))}" for v in rec["variants"])
     if "decode" in rec:

@@ -184,13 +184,14 @@ def test_from_environ_reads_every_variable():
                "NBGRADER_EXECUTION": "validate", "CD_KIT_SOLUTIONS": "/course/source", "CD_KIT_CHECK_SEED": "42",
                "CD_KIT_HUB_REPO": "me/adapter", "CD_KIT_COURSE_DIR": "/kaggle/working/c",
                "CD_KIT_COURSE_URL": "file:///srv/course.git", "CD_KIT_EVAL_IMAGES": "paper",
-               "CD_KIT_CLIP_MODEL": "/models/clip", "CD_KIT_INCEPTION": "/models/inception.pt", "UNRELATED": "x"}
+               "CD_KIT_CLIP_MODEL": "/models/clip", "CD_KIT_INCEPTION": "/models/inception.pt",
+               "CD_KIT_EVAL_COMPILE": "vae", "UNRELATED": "x"}
     config = KitConfig.from_environ(environ)
     assert config == KitConfig(model="sd15", device="cpu", train_profile="low-memory", data="/data/coco5k",
                                out="/tmp/out", reduced=True, execution="validate", solutions="/course/source",
                                check_seed=42, hub_repo="me/adapter", course_dir="/kaggle/working/c",
                                course_url="file:///srv/course.git", eval_images=5000, clip_model="/models/clip",
-                               inception="/models/inception.pt")
+                               inception="/models/inception.pt", eval_compile="vae")
     assert {f.metadata["env"] for f in setting_fields()} <= set(environ)  # the test covers every field
     assert KitConfig.from_environ(config.to_environ()) == config  # round trip through a child's environment
     assert config.out_path == Path("/tmp/out") and config.solutions_path == Path("/course/source")
