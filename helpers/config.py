@@ -66,8 +66,8 @@ class KitConfig:
                                        "reduced run and under nbgrader.", "count")
     eval_compile: str | None = _setting("CD_KIT_EVAL_COMPILE", None,
                                         "`torch.compile` in the evaluation's sampling on a CUDA GPU: `off`, `vae` "
-                                        "(the VAE decoder) or `all` (the VAE decoder and the UNet's repeated "
-                                        "blocks); the batches keep one shape. Unset: `auto`, which compiles only "
+                                        "(the VAE decoder) or `all` (the VAE decoder and the UNet); the batches "
+                                        "keep one shape. Unset: `auto`, which compiles only "
                                         "where the images to generate pay the compilation back "
                                         "(`helpers.evaluation.compile_choice`, measured in `docs/benchmarks.md`).")
     clip_model: str | None = _setting("CD_KIT_CLIP_MODEL", None,

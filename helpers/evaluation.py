@@ -360,11 +360,6 @@ AUTO_COMPILE = "all"
 COMPILE_FROM_IMAGES = 1000
 
 
-#: The UNet's blocks ``all`` compiles: diffusers' ``UNet2DConditionModel._repeated_blocks`` (the transformer blocks)
-#: and the residual blocks, which hold the rest of its convolutions, GroupNorms and SiLUs.
-UNET_COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-
-
 def compile_choice(pipe, images: int, config: KitConfig | None = None) -> str:
     """What :func:`generate` compiles to sample ``images`` images with ``pipe``: ``off``, ``vae`` (the VAE decoder)
     or ``all`` (the VAE decoder and the UNet's repeated blocks). ``config.eval_compile`` decides when set; ``auto``
@@ -381,17 +376,15 @@ def compile_choice(pipe, images: int, config: KitConfig | None = None) -> str:
 
 
 def compiled_modules(pipe, what: str) -> list[torch.nn.Module]:
-    """The modules ``what`` (:func:`compile_choice`) compiles: the VAE decoder, and for ``all`` also the UNet's
-    blocks of :data:`UNET_COMPILED_BLOCKS` (regional compilation, as diffusers' ``compile_repeated_blocks``: one
-    compiled graph serves every block of a class and shape, so compiling costs a fraction of the whole UNet's)."""
+    """The modules ``what`` (:func:`compile_choice`) compiles: the VAE decoder, and for ``all`` also the whole UNet
+    (one graph per batch shape and adapter state: the merged student, the teacher). Compiling the UNet's blocks one
+    by one instead (diffusers' ``compile_repeated_blocks`` plus the residual blocks) took over 159 s on an H200: a
+    graph per block shape (docs/benchmarks.md)."""
     if what == "off":
         return []
     if what not in ("vae", "all"):
         raise ValueError(f"compile {what!r}: use 'off', 'vae' or 'all'")
-    modules = [pipe.vae.decoder]
-    if what == "all":
-        modules += [m for m in pipe.unet.modules() if type(m).__name__ in UNET_COMPILED_BLOCKS]
-    return modules
+    return [pipe.vae.decoder] + ([pipe.unet] if what == "all" else [])
 
 
 @contextmanager

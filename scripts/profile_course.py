@@ -448,11 +448,12 @@ def eval_variants(model_dir: Path, data_dir: Path, work: Path, device: torch.dev
 
 
 # --- Compiling the evaluation: what it costs once and what it saves per image -------------------------------
-#: The modes of ``CD_KIT_EVAL_COMPILE`` measured, plus ``whole`` (the VAE decoder and the whole UNet compiled; the
-#: benchmark's ``sample-fp16-compile``), each in its own process: ``cold`` with an empty inductor cache,
-#: ``warm`` again with the cache the cold run left (as a second notebook, or a re-run, finds it).
-EVAL_COMPILE_RUNS: tuple[tuple[str, str], ...] = (
-    ("off", "cold"), ("vae", "cold"), ("vae", "warm"), ("all", "cold"), ("all", "warm"), ("whole", "cold"))
+#: Runs of ``eval_compile``: a mode of ``CD_KIT_EVAL_COMPILE``, ``cold`` (an empty inductor cache) or ``warm`` (the
+#: cache the cold run of that mode left, as a second notebook or a re-run finds it), the student's batch size. Each
+#: runs in its own process (a cold dynamo).
+EVAL_COMPILE_RUNS: tuple[tuple[str, str, int], ...] = (
+    ("off", "cold", 64), ("vae", "cold", 64), ("vae", "warm", 64), ("all", "cold", 64), ("all", "warm", 64),
+    ("all", "warm", 128))
 
 
 def eval_compile_child(mode: str, model_dir: Path, data_dir: Path, work: Path, device: torch.device,
@@ -463,10 +464,7 @@ def eval_compile_child(mode: str, model_dir: Path, data_dir: Path, work: Path, d
     guided 4-step DDIM (adapters disabled) over ``teacher_images``; per run the first batch (autotuning and
     compilation), the later batches' images/s and the wall time."""
     t_start = time.perf_counter()
-    config = kit_config(model_dir, data_dir, work, "fast", device).replace(
-        eval_compile="all" if mode == "whole" else mode)
-    if mode == "whole":
-        evaluation.compiled_modules = lambda pipe, what: [pipe.vae.decoder, pipe.unet]  # bench-only variant
+    config = kit_config(model_dir, data_dir, work, "fast", device).replace(eval_compile=mode)
     spec = resolve_model(config.model)
     pipe = load_course_pipeline(config)
     settings = training.run_settings(spec.kind, config)
@@ -493,26 +491,28 @@ def eval_compile_child(mode: str, model_dir: Path, data_dir: Path, work: Path, d
 
 
 def eval_compile(model_dir: Path, data_dir: Path, work: Path, device: torch.device, tiny: bool,
-                 runs: tuple[tuple[str, str], ...] = EVAL_COMPILE_RUNS, budget_s: float = 400.0) -> dict[str, Any]:
+                 runs: tuple[tuple[str, str, int], ...] = EVAL_COMPILE_RUNS, budget_s: float = 400.0) -> dict[str, Any]:
     """:data:`EVAL_COMPILE_RUNS`, each in a child process (a cold dynamo; ``TORCHINDUCTOR_CACHE_DIR`` per mode,
     emptied for ``cold``); a run that would start with under 60 s of ``budget_s`` left is skipped."""
     import shutil
 
-    student, teacher, batch = (4, 2, 2) if tiny else (384, 128, 64)
-    out: dict[str, Any] = {"student_images": student, "teacher_images": teacher, "batch": batch, "runs": []}
+    student, teacher = (4, 2) if tiny else (384, 128)
+    out: dict[str, Any] = {"student_images": student, "teacher_images": teacher, "runs": []}
     start = time.perf_counter()
-    for mode, cache in runs:
+    for mode, cache, batch in runs:
+        batch = 2 if tiny else batch
         left = budget_s - (time.perf_counter() - start)
         if left < 60 and not tiny:
-            out["runs"].append({"mode": mode, "cache": cache, "status": f"skipped: {left:.0f} s left"})
+            out["runs"].append({"mode": mode, "cache": cache, "batch": batch, "status": f"skipped: {left:.0f} s left"})
             continue
         cache_dir = work / f"inductor-{mode}"
         if cache == "cold":
             shutil.rmtree(cache_dir, ignore_errors=True)
-        child_out = work / f"eval-compile-{mode}-{cache}.json"
+        child_out = work / f"eval-compile-{mode}-{cache}-{batch}.json"
         child_out.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--out", str(child_out),
-               "--child-eval-compile", mode, "--device", str(device)] + (["--tiny"] if tiny else [])
+               "--child-eval-compile", mode, "--child-batch", str(batch), "--device", str(device)] + (
+                   ["--tiny"] if tiny else [])
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
         t0 = time.perf_counter()
         try:
@@ -522,7 +522,7 @@ def eval_compile(model_dir: Path, data_dir: Path, work: Path, device: torch.devi
             print(proc.stdout[-1500:], end="", flush=True)
         except subprocess.TimeoutExpired:
             rec = {"status": f"timeout after {left - 5:.0f} s"}
-        rec.update(cache=cache, mode=mode, child_wall_s=round(time.perf_counter() - t0, 1))
+        rec.update(cache=cache, mode=mode, batch=batch, child_wall_s=round(time.perf_counter() - t0, 1))
         out["runs"].append(rec)
     return out
 
@@ -680,17 +680,22 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
                 ("phase", PhaseCase("fast", "fast", steps=30, profiled_steps=0, fixed_batch_steps=0), 45),
                 ("phase", PhaseCase("fast-regional-compile", "fast", steps=30, warmup=4, profiled_steps=0,
                                     fixed_batch_steps=0, regional_compile=True), 110)]
+    if name == "compile-all":  # the VAE and the whole UNet compiled; training's regional compile cold, then warm
+        regional = PhaseCase("fast-regional-compile", "fast", steps=30, warmup=4, profiled_steps=0,
+                             fixed_batch_steps=0, regional_compile=True)
+        return [("compile", (("all", "cold", 64), ("all", "warm", 64), ("all", "warm", 128)), 330),
+                ("phase", regional, 110), ("phase", replace(regional, name="fast-regional-compile-warm"), 80)]
     if name == "final":
         return [("notebooks", {"profile": "fast", "reduced": False, "cap_gib": None}, 260),
                 ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5, "only": "05"}, 80)]
-    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval, course, compile or final")
+    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval, course, compile, compile-all or final")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for the pipeline, captions, runs, profiles")
     p.add_argument("--out", type=Path, required=True, help="JSON written after every part")
-    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | course | compile | final")
+    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | course | compile | compile-all | final")
     p.add_argument("--eval-variants", nargs="*", default=None, help="names of EVAL_VARIANTS to run (default: all)")
     p.add_argument("--only", nargs="*", default=None, help="names of the plan's parts to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny pipeline (CPU tests)")
@@ -698,13 +703,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda | cpu (default: CUDA when available)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip parts that would not fit in this many seconds")
     p.add_argument("--child-eval-compile", default=None, help=argparse.SUPPRESS)  # one run of eval_compile
+    p.add_argument("--child-batch", type=int, default=64, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_eval_compile:
         device = torch.device(args.device)
         model_dir, data_dir = build_inputs(args.work, args.tiny, args.images, device)
-        student, teacher, batch = (4, 2, 2) if args.tiny else (384, 128, 64)
+        student, teacher = (4, 2) if args.tiny else (384, 128)
         rec = eval_compile_child(args.child_eval_compile, model_dir, data_dir, args.work, device, student, teacher,
-                                 batch)
+                                 args.child_batch)
         args.out.write_text(json.dumps({"status": "ok", **rec}, indent=1, default=str))
         return 0
     start = time.perf_counter()
@@ -742,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             elif kind == "eval":
                 rec = eval_variants(model_dir, data_dir, args.work, device, args.tiny, args.eval_variants)
             elif kind == "compile":
-                rec = eval_compile(model_dir, data_dir, args.work, device, args.tiny,
+                rec = eval_compile(model_dir, data_dir, args.work, device, args.tiny, runs=what or EVAL_COMPILE_RUNS,
                                    budget_s=min(estimate, left - 10))
             else:
                 rec = run_notebooks(what["profile"], model_dir, data_dir, args.work, what["reduced"], what["cap_gib"],
@@ -772,7 +778,7 @@ def summary_line(rec: dict[str, Any]) -> str:
     if "runs" in rec and "student_images" in rec:
         return " ".join(f"{r['mode']}/{r['cache']}:" + ",".join(
             f"{x['sampler']}={x.get('steady_images_per_s')}(first {x.get('first_batch_s')}s)" for x in r.get("runs", []))
-            + f" wall {r.get('child_wall_s')}s" for r in rec["runs"])
+            + f" b{r.get('batch')} wall {r.get('child_wall_s')}s" for r in rec["runs"])
     if "variants" in rec:
         return " ".join(f"{v['variant']}@{v['batch']}={v.get('images_per_s', v.get('error'))}" for v in rec["variants"])
     if "decode" in rec:
