@@ -354,15 +354,20 @@ def _inference_context(pipe) -> Iterator[None]:
         pipe.vae.use_slicing = slicing
 
 
-#: What ``CD_KIT_EVAL_COMPILE=auto`` compiles where it compiles, and from how many images of one sampler call of
-#: :func:`generate` (measured on an H200, docs/benchmarks.md, "Compiling the evaluation").
-AUTO_COMPILE = "all"
-COMPILE_FROM_IMAGES = 1000
+#: What ``CD_KIT_EVAL_COMPILE=auto`` compiles, and from how many images of one sampler call of :func:`generate`.
+#: Measured on an H200 (docs/benchmarks.md, "Compiling the evaluation"; 4-step student at batch 64, 512x512):
+#: compiling the VAE decoder costs 10.9 s more than the eager first batch with an empty inductor cache and saves
+#: 5.3 ms an image (35.4 -> 43.5 img/s), so it pays back from about 2,060 images (the decode runs once an image
+#: whatever the steps); the VAE and the UNet cost 47.3 s more and save 10.4 ms (55.9 img/s): from about 4,550
+#: images, and better than the VAE alone only from about 7,100. With a warm cache both pay back at once, but the
+#: kit cannot know the cache is warm, so ``auto`` takes the cold figures.
+AUTO_COMPILE = "vae"
+COMPILE_FROM_IMAGES = 2100
 
 
 def compile_choice(pipe, images: int, config: KitConfig | None = None) -> str:
     """What :func:`generate` compiles to sample ``images`` images with ``pipe``: ``off``, ``vae`` (the VAE decoder)
-    or ``all`` (the VAE decoder and the UNet's repeated blocks). ``config.eval_compile`` decides when set; ``auto``
+    or ``all`` (the VAE decoder and the UNet). ``config.eval_compile`` decides when set; ``auto``
     (unset) compiles :data:`AUTO_COMPILE` on GPUs from 40 GiB for calls of at least :data:`COMPILE_FROM_IMAGES`
     images, where the compilation pays for itself, and nothing otherwise. Always ``off`` on the CPU and for small
     latents (the kit's digits model)."""

@@ -591,8 +591,9 @@ get_ipython().events.register("post_run_cell", _post)
 
 
 def run_notebooks(profile: str, model_dir: Path, data_dir: Path, work: Path, reduced: bool, cap_gib: float | None,
-                  timeout_s: float, only: str = "04,05") -> dict[str, Any]:
-    """Notebooks 04 and 05 through the reference run, with the per-cell memory hook in the kernels."""
+                  timeout_s: float, only: str = "04,05", extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Notebooks 04 and 05 through the reference run, with the per-cell memory hook in the kernels (and
+    ``extra_env``, e.g. a kit setting, in their environment)."""
     tag = f"nb-{profile}-{'reduced' if reduced else 'full'}" + (f"-cap{cap_gib:g}" if cap_gib else "")
     ipython = work / tag / "ipython"
     (ipython / "profile_default" / "startup").mkdir(parents=True, exist_ok=True)
@@ -600,7 +601,7 @@ def run_notebooks(profile: str, model_dir: Path, data_dir: Path, work: Path, red
     memlog = work / tag / "cells.jsonl"
     memlog.unlink(missing_ok=True)
     env = {**os.environ, "IPYTHONDIR": str(ipython), "PROFILE_COURSE_MEMLOG": str(memlog),
-           "CD_KIT_DATA": str(data_dir), "CD_KIT_TRAIN_PROFILE": profile, "TQDM_DISABLE": "1"}
+           "CD_KIT_DATA": str(data_dir), "CD_KIT_TRAIN_PROFILE": profile, "TQDM_DISABLE": "1", **(extra_env or {})}
     env.pop("CD_KIT_REDUCED", None)
     if cap_gib:
         env["PROFILE_COURSE_CAP_GIB"] = str(cap_gib)
@@ -685,17 +686,20 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
                              fixed_batch_steps=0, regional_compile=True)
         return [("compile", (("all", "cold", 64), ("all", "warm", 64), ("all", "warm", 128)), 330),
                 ("phase", regional, 110), ("phase", replace(regional, name="fast-regional-compile-warm"), 80)]
+    if name == "final-compile":  # notebook 05 with the evaluation compiled (CD_KIT_EVAL_COMPILE=all)
+        return [("notebooks", {"profile": "fast", "reduced": False, "cap_gib": None, "only": "05",
+                               "env": {"CD_KIT_EVAL_COMPILE": "all"}}, 300)]
     if name == "final":
         return [("notebooks", {"profile": "fast", "reduced": False, "cap_gib": None}, 260),
                 ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5, "only": "05"}, 80)]
-    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval, course, compile, compile-all or final")
+    raise ValueError(f"unknown plan {name!r}: tiny, diagnose, eval, course, compile, compile-all, final or final-compile")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for the pipeline, captions, runs, profiles")
     p.add_argument("--out", type=Path, required=True, help="JSON written after every part")
-    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | course | compile | compile-all | final")
+    p.add_argument("--plan", default="diagnose", help="tiny | diagnose | eval | course | compile | compile-all | final | final-compile")
     p.add_argument("--eval-variants", nargs="*", default=None, help="names of EVAL_VARIANTS to run (default: all)")
     p.add_argument("--only", nargs="*", default=None, help="names of the plan's parts to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="the tiny pipeline (CPU tests)")
@@ -752,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                                    budget_s=min(estimate, left - 10))
             else:
                 rec = run_notebooks(what["profile"], model_dir, data_dir, args.work, what["reduced"], what["cap_gib"],
-                                    timeout_s=max(30.0, left - 10), only=what.get("only", "04,05"))
+                                    timeout_s=max(30.0, left - 10), only=what.get("only", "04,05"),
+                                    extra_env=what.get("env"))
             rec = {"part": name, "status": "ok", **rec}
         except Exception as err:  # one failing part must not lose the others
             import traceback
