@@ -93,8 +93,6 @@ class TrainSettings:
 #               checkpointing; SD1.5 at batch 8 peaks at 10.5 GiB (H100, 2026-11-26) instead of 14.5 GiB.
 PROFILES = ("course", "fast", "low-memory")
 PROFILE_ENV_VAR = KitConfig.env_var("train_profile")
-LOW_MEMORY_BELOW_GIB = SMALL_GPU_GIB
-FAST_FROM_GIB = BIG_GPU_GIB
 
 
 def pick_profile(profile: str | None = None) -> str:
@@ -104,8 +102,8 @@ def pick_profile(profile: str | None = None) -> str:
     profile = profile or None
     if profile is None:
         gib = gpu_memory_gib()
-        profile = ("course" if gib is None else "low-memory" if gib < LOW_MEMORY_BELOW_GIB
-                   else "fast" if gib >= FAST_FROM_GIB else "course")
+        profile = ("course" if gib is None else "low-memory" if gib < SMALL_GPU_GIB
+                   else "fast" if gib >= BIG_GPU_GIB else "course")
     if profile not in PROFILES:
         raise ValueError(f"Unknown training profile {profile!r}: choose one of {PROFILES} "
                          f"(argument or ${PROFILE_ENV_VAR})")

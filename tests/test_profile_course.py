@@ -49,3 +49,15 @@ def test_spread_reports_median_quartiles_and_range(pc):
 def test_kernel_hook_is_valid_python_that_logs_every_cell(pc):
     compile(pc.KERNEL_HOOK, "00-memory.py", "exec")
     assert "post_run_cell" in pc.KERNEL_HOOK and "set_per_process_memory_fraction" in pc.KERNEL_HOOK
+
+
+def test_the_compile_plans_measure_each_mode_cold_and_warm_and_the_notebook_with_all(pc):
+    runs = pc.EVAL_COMPILE_RUNS
+    assert {m for m, _, _ in runs} == {"off", "vae", "all"}, "every mode of CD_KIT_EVAL_COMPILE"
+    for mode, cache, _ in runs:
+        if cache == "warm":
+            assert runs.index((mode, "cold", 64)) < runs.index((mode, cache, _)), "a warm run follows its cold one"
+    (kind, what, _), = pc.plan("final-compile")
+    assert kind == "notebooks" and what["env"] == {"CD_KIT_EVAL_COMPILE": "all"} and not what["reduced"]
+    names = [w.name for k, w, _ in pc.plan("compile-all") if k == "phase"]
+    assert names == ["fast-regional-compile", "fast-regional-compile-warm"]
