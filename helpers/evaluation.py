@@ -404,7 +404,7 @@ def compiled_for_sampling(pipe, what: str, backend: str = "inductor") -> Iterato
     import torch._dynamo
 
     limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 64)  # a graph per block class, shape and adapter state
+    torch._dynamo.config.recompile_limit = max(limit, 64)  # a graph per module, batch shape and adapter state
     for m in modules:
         m.compile(dynamic=False, backend=backend)
     try:

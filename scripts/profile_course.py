@@ -33,8 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -155,7 +154,6 @@ class PhaseCase:
     memory_cap_gib: float | None = None
     sample_batches: tuple = ()  # evaluation-path sampling after training: batch sizes
     sample_images: int = 64
-    vae_without_autocast: bool = False
 
 
 def kit_config(model_dir: Path, data_dir: Path, work: Path, profile: str, device: torch.device) -> KitConfig:
@@ -304,18 +302,15 @@ def sample_eval_path(pipe, consistency_sampling, case: PhaseCase, device: torch.
     results = []
     eval_set = evaluation.make_eval_set(pipe, per_digit=max(1, case.sample_images // 10))
     sampler = evaluation.function_sampler(consistency_sampling, pipe, num_inference_steps=4)
-    for vae_plain in ((False, True) if case.vae_without_autocast else (False,)):
-        # the kit's sampler calls decode outside autocast already; the "autocast" comparison of the first
-        # session (docs/benchmarks.md) ran before that, so both rows now measure the same path
-        for batch in case.sample_batches:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            evaluation.generate(sampler, replace(eval_set, prompts=eval_set.prompts[:batch],
-                                                 latents=eval_set.latents[:batch], digits=eval_set.digits[:batch]),
-                                batch, progress=False)  # warm-up (kernel choice, caches)
-            _, seconds = evaluation.generate(sampler, eval_set, batch, progress=False)
-            results.append({"batch": batch, "vae_without_autocast": vae_plain, "images": len(eval_set),
-                            "images_per_s": round(len(eval_set) / seconds, 2), **memory(device)})
+    for batch in case.sample_batches:  # the kit's sampler decodes outside autocast (vae_decode_outside_autocast)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        evaluation.generate(sampler, replace(eval_set, prompts=eval_set.prompts[:batch],
+                                             latents=eval_set.latents[:batch], digits=eval_set.digits[:batch]),
+                            batch, progress=False)  # warm-up (kernel choice, caches)
+        _, seconds = evaluation.generate(sampler, eval_set, batch, progress=False)
+        results.append({"batch": batch, "images": len(eval_set), "images_per_s": round(len(eval_set) / seconds, 2),
+                        **memory(device)})
     return results
 
 
@@ -441,6 +436,11 @@ EVAL_COMPILE_RUNS: tuple[tuple[str, str, int], ...] = (
     ("all", "warm", 128))
 
 
+def eval_compile_sizes(tiny: bool) -> tuple[int, int]:
+    """Prompts of the student's and of the teacher's run in :func:`eval_compile_child`."""
+    return (4, 2) if tiny else (384, 128)
+
+
 def eval_compile_child(mode: str, model_dir: Path, data_dir: Path, work: Path, device: torch.device,
                        student_images: int, teacher_images: int, batch: int) -> dict[str, Any]:
     """In this process: the kit's evaluation (``evaluation.generate`` in a ``sampling_session``) compiled as
@@ -465,7 +465,7 @@ def eval_compile_child(mode: str, model_dir: Path, data_dir: Path, work: Path, d
         timing: dict[str, Any] = {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with training.adapters_disabled(pipe.unet) if name.startswith("teacher") else contextlib.nullcontext():
+        with training.adapters_disabled(pipe.unet) if name.startswith("teacher") else nullcontext():
             _, seconds = evaluation.generate(sampler, eval_set, batch, config=config, progress=False, timing=timing)
         runs.append({"sampler": name, "images": len(eval_set), "seconds": round(seconds, 2),
                      "images_per_s": round(len(eval_set) / seconds, 2), **timing, **memory(device)})
@@ -481,7 +481,7 @@ def eval_compile(model_dir: Path, data_dir: Path, work: Path, device: torch.devi
     emptied for ``cold``); a run that would start with under 60 s of ``budget_s`` left is skipped."""
     import shutil
 
-    student, teacher = (4, 2) if tiny else (384, 128)
+    student, teacher = eval_compile_sizes(tiny)
     out: dict[str, Any] = {"student_images": student, "teacher_images": teacher, "runs": []}
     start = time.perf_counter()
     for mode, cache, batch in runs:
@@ -629,7 +629,7 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
     """``(kind, case or notebook arguments, estimated seconds on an H200)`` in run order."""
     if name == "tiny":
         return [("phase", PhaseCase("course", "course", steps=3, warmup=1, profiled_steps=1, fixed_batch_steps=2,
-                                    sample_batches=(4,), sample_images=10, vae_without_autocast=True), 5),
+                                    sample_batches=(4,), sample_images=10), 5),
                 ("phase", PhaseCase("fast-ct", "fast", phase="ct", steps=3, warmup=1, profiled_steps=0,
                                     fixed_batch_steps=0, data_on_gpu=True), 5),
                 ("phase", PhaseCase("fast-multi", "fast", phase="multi_cd", steps=2, warmup=1, profiled_steps=0,
@@ -640,7 +640,7 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
     if name == "diagnose":
         return [
             ("phase", PhaseCase("course", "course", steps=12, sample_batches=(8,)), 45),
-            ("phase", PhaseCase("fast", "fast", steps=20, sample_batches=(8, 16, 32), vae_without_autocast=True), 40),
+            ("phase", PhaseCase("fast", "fast", steps=20, sample_batches=(8, 16, 32)), 40),
             ("phase", PhaseCase("low-memory", "low-memory", steps=12, memory_cap_gib=14.5), 40),
             ("vae", None, 25),
             ("phase", PhaseCase("fast-foreach", "fast", steps=12, profiled_steps=0, fixed_batch_steps=0,
@@ -648,8 +648,7 @@ def plan(name: str) -> list[tuple[str, Any, float]]:
             ("phase", PhaseCase("fast-8x2", "fast", steps=12, profiled_steps=0, fixed_batch_steps=0,
                                 overrides={"batch_size": 8, "gradient_accumulation_steps": 2}), 20),
             ("phase", PhaseCase("fast-cudnn-gpudata", "fast", steps=12, profiled_steps=0, fixed_batch_steps=0,
-                                cudnn_benchmark=True, data_on_gpu=True, sample_batches=(32,),
-                                vae_without_autocast=True), 30),
+                                cudnn_benchmark=True, data_on_gpu=True, sample_batches=(32,)), 30),
             ("phase", PhaseCase("fast-ct", "fast", phase="ct", steps=12, profiled_steps=0, fixed_batch_steps=0), 15),
             ("notebooks", {"profile": "low-memory", "reduced": True, "cap_gib": 14.5}, 170),
             ("phase", PhaseCase("fast-regional-compile", "fast", steps=12, warmup=4, profiled_steps=1,
@@ -697,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_eval_compile:
         device = torch.device(args.device)
         model_dir, data_dir = build_inputs(args.work, args.tiny, args.images, device)
-        student, teacher = (4, 2) if args.tiny else (384, 128)
+        student, teacher = eval_compile_sizes(args.tiny)
         rec = eval_compile_child(args.child_eval_compile, model_dir, data_dir, args.work, device, student, teacher,
                                  args.child_batch)
         args.out.write_text(json.dumps({"status": "ok", **rec}, indent=1, default=str))
@@ -776,7 +775,7 @@ def summary_line(rec: dict[str, Any]) -> str:
     if "step" in rec:
         prof = rec.get("profiler") or {}
         fixed = rec.get("fixed_batch_micro_step", {}).get("median_s")
-        samp = " ".join(f"b{s['batch']}{'-plainvae' if s['vae_without_autocast'] else ''}={s['images_per_s']}"
+        samp = " ".join(f"b{s['batch']}={s['images_per_s']}"
                         for s in rec.get("sampling", []))
         return (f"step median {rec['step'].get('median_s')} s [{rec['step'].get('q1_s')}-{rec['step'].get('q3_s')}] "
                 f"({rec['images_per_s']} img/s), warmup {rec['warmup_steps_s']}, fixed-batch micro {fixed}, "
